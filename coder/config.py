@@ -1,0 +1,255 @@
+"""Configuration: the schema with paper-faithful defaults, YAML loading, `--set` overrides, validation.
+
+`DEFAULTS` is the schema: a YAML file may only name keys that exist here, with values of the same type
+(ints are accepted where a float is expected; `None` defaults accept a string or None). Every choice the
+paper leaves open is a key here; the defaults are the CODER paper's values (§4.2) unless a comment says
+otherwise.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names the key."""
+
+
+DEFAULTS: dict[str, Any] = {
+    "name": "",  # run name; default output dir is runs/<name>
+    "method": "coder",  # coder | vse (instance baselines) | user
+    "data": {
+        "root": "data/f30k_precomp",
+        "dataset": "f30k",  # f30k | coco: selects the evaluation protocol (SPEC §7)
+        "train_split": "train",
+        "val_split": "dev",
+        "test_split": "test",  # COCO: testall (5-fold 1K + 5K)
+        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions (SPEC §3.1)
+        "captions_per_image": 5,
+        "max_words": 32,
+        "augment": True,  # VSE-infinity's training augmentations (SPEC §3.1)
+        "region_dropout": 0.2,
+        "word_corruption": 0.2,
+        "num_workers": 0,
+        "demo": False,  # generate the embedded demo data into data.root on first use (SPEC §3.4)
+        "demo_train_images": 1000,
+        "demo_dev_images": 100,
+        "demo_test_images": 1000,
+        "demo_region_dim": 256,
+        "demo_seed": 0,
+        "clip_features": False,  # load S_clip.npy (USER's CGE)
+        "clip_dim": 512,
+    },
+    "model": {
+        "text_encoder": "bert-base-uncased",  # local dir, cached HF name, or pkg://<module>/<subdir>
+        "embed_dim": 1024,  # F, the joint space (§4.2)
+        "region_dim": 2048,
+        "num_regions": 36,  # L (§4.2); USER's SGE needs exactly this many
+        "aggregator": "gpo",  # gpo | mean | max (SPEC §4.1)
+        "text_layers": None,  # keep only the first N transformer layers (None = all)
+        "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
+            "enabled": False,
+            "vocab": "",  # concepts.npz from scripts/build_concepts.py
+            "gcn_hidden": 512,
+            "smoothness": 10.0,  # lambda in Eq. 2
+        },
+        "momentum": {  # coupled momentum encoders and memory banks (§3.2, MoCo)
+            "enabled": False,
+            "m": 0.995,
+            "queue_size": 4096,
+        },
+        "user": {  # USER's enhancement modules (SPEC §4.4)
+            "sge": False,
+            "cge": False,
+            "dropout": 0.1,
+            "lambda_att": 1.0,
+        },
+    },
+    "loss": {
+        # instance-level batch loss: triplet (VSE++ hardest negatives) | infonce | dcl (Eq. 5) |
+        # dcl_implicit (Eq. 4) | uto (USER)
+        "instance": "dcl",
+        "instance_weight": 3.0,  # lambda in Eq. 8
+        "margin": 0.2,  # triplet margin
+        "warmup_epochs": 1,  # triplet: epochs of all-negatives before hardest negatives (VSE-infinity)
+        "temperature": 0.05,  # InfoNCE temperature (our choice; the paper gives none)
+        "mu": 0.1,  # Eq. 4-5
+        "gamma": 0.3,
+        "eps": 0.1,  # Eq. 3
+        "detach_diversity": True,  # diversity is a weight, not a gradient path (our reading of Eq. 3)
+        "bank_diversity": True,  # average batch and bank diversity when banks exist (§3.3, Table 3 "MB")
+        "memory_weight": 1.0,  # L_M-DCL in Eq. 8 (0 disables it; banks may still feed diversity)
+        "mask_own_image": False,  # drop queue entries of the anchor's own image from its negatives
+        "concept_weight": 1.0,  # L_DCL^C in Eq. 8
+        "pgc_weight": 1.0,  # L_PGC in Eq. 8
+        "uto_alpha": 90.0,  # USER's UTO (SPEC §4.4)
+        "uto_eps": 0.5,
+        "uto_lambda": 20.0,
+    },
+    "cluster": {  # online k-means for PGC labels (§3.4)
+        "k": 10000,
+        "iters": 15,
+        "start_epoch": 1,  # PGC weight is 0 before this epoch
+        "chunk_size": 65536,
+    },
+    "train": {
+        "epochs": 30,
+        "batch_size": 128,
+        "optimizer": "adam",  # adam | adamw
+        "lr": 2e-4,
+        "weight_decay": 0.0,
+        "lr_decay_epochs": [15],  # multiply lr by lr_decay at each of these epochs
+        "lr_decay": 0.1,
+        "text_lr_mult": 0.1,  # BERT parameters train at 0.1 x lr
+        "grad_clip": 2.0,
+        "seed": 0,
+        "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
+        "deterministic": False,
+        "log_every": 10,
+        "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
+        "eval_every": 1,  # epochs between dev evaluations
+        "max_steps_per_epoch": 0,  # 0 = full epoch (small values for smoke tests)
+        "device": "auto",  # auto | cpu | cuda
+    },
+    "eval": {
+        "beta": 0.9,  # fused similarity weight (§3.5); instance-only models use 1
+        "batch_size": 256,
+        "chunk_size": 1000,  # images per similarity chunk: bounds memory of 5K x 25K
+        "fold5": True,  # COCO testall: report 5-fold 1K (averaged) and 5K
+    },
+}
+
+_ANY_WHEN_NONE = (str, int, float, type(None))
+
+
+def _merge(base: dict, override: dict, prefix: str = "") -> None:
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key '{path}'")
+        default = base[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
+            _merge(default, value, prefix=f"{path}.")
+        else:
+            base[key] = _check_type(path, default, value)
+
+
+def _check_type(path: str, default: Any, value: Any) -> Any:
+    if default is None:
+        if isinstance(value, _ANY_WHEN_NONE):
+            return value
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(
+        f"config key '{path}' expects {type(default).__name__}, got {type(value).__name__} ({value!r})"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=v` -> (['a', 'b'], v) with v parsed as YAML (so 3, 0.1, true, [15] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Defaults <- YAML file <- `--set` overrides, validated; the name defaults to the file's stem."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _merge(cfg, data)
+        cfg["name"] = cfg["name"] or path.stem
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(cfg, nest(keys, value))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> dict:
+    """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "method": ("coder", "vse", "user"),
+    "data.dataset": ("f30k", "coco"),
+    "model.aggregator": ("gpo", "mean", "max"),
+    "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def validate(cfg: dict) -> None:
+    """Cross-key checks the type schema cannot express."""
+    for key, choices in _CHOICES.items():
+        if get(cfg, key) not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {get(cfg, key)!r}")
+    for key in ("train.epochs", "train.batch_size", "model.embed_dim", "model.momentum.queue_size", "cluster.k"):
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")
+    if not 0.0 <= cfg["eval"]["beta"] <= 1.0:
+        raise ConfigError(f"config key 'eval.beta' must be in [0, 1], got {cfg['eval']['beta']}")
+    if not 0.0 <= cfg["model"]["momentum"]["m"] < 1.0:
+        raise ConfigError(f"config key 'model.momentum.m' must be in [0, 1), got {cfg['model']['momentum']['m']}")
+    if cfg["loss"]["pgc_weight"] > 0 and cfg["model"]["concept"]["enabled"] and not cfg["model"]["momentum"]["enabled"]:
+        raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' (k-means runs on momentum features)")
+    if cfg["model"]["user"]["cge"] and not cfg["data"]["clip_features"]:
+        raise ConfigError("config key 'model.user.cge' needs 'data.clip_features: true' (CGE reads S_clip.npy)")
+    if cfg["model"]["user"]["sge"] and cfg["data"]["augment"] and cfg["data"]["region_dropout"] > 0:
+        raise ConfigError(
+            "config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)"
+        )
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,439 @@
+"""The training loop (CODER §4.2, SPEC §6, §8): one readable file.
+
+`Trainer(cfg, output_dir).fit()` trains, validates on dev every epoch, keeps the best model by dev R@sum
+(fused score), writes atomic checkpoints, resumes exactly (`resume="auto"`), and finally evaluates the
+best model on the test split into `eval_<split>.json`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from . import distributed as dist
+from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, config_differences, load_checkpoint,
+                         rng_state, set_rng_state)
+from .config import dump
+from .evaluation import evaluate_model, format_table
+from .losses.objective import Objective
+from .models.model import build_model
+from .models.text import load_text_backbone
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+# -------------------------------------------------------------------------------------------- set-up
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'train.device' is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def prepare_data(cfg: dict) -> None:
+    """Generate the embedded demo data (and its concept vocabulary) when a config asks for it."""
+    data = cfg["data"]
+    if data["demo"]:
+        from .data.demo import ensure_demo_data
+
+        ensure_demo_data(data["root"], seed=data["demo_seed"], train_images=data["demo_train_images"],
+                         dev_images=data["demo_dev_images"], test_images=data["demo_test_images"],
+                         region_dim=data["demo_region_dim"])
+        if cfg["model"]["concept"]["enabled"]:
+            from .concepts import ensure_demo_concepts
+
+            ensure_demo_concepts(data["root"], cfg["model"]["concept"]["vocab"])
+
+
+def eval_datasets(cfg: dict, tokenizer, split: str, max_captions=None):
+    from .data import PrecompCaptions, PrecompImages
+
+    data = cfg["data"]
+    images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],
+                           max_captions=max_captions, load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+    captions = PrecompCaptions(data["root"], split, tokenizer, max_words=data["max_words"],
+                               captions_per_image=data["captions_per_image"], max_captions=max_captions)
+    return images, captions
+
+
+class ResumeSampler(Sampler):
+    """A DistributedSampler whose epoch can start after the batches a killed run already trained on."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int):
+        self.sampler, self.batch_size, self.skip_batches = sampler, batch_size, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip_batches * self.batch_size:])
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip_batches * self.batch_size
+
+
+class TrainStep(nn.Module):
+    """Model + objective as one module, so DistributedDataParallel syncs the PGC classifier too."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict, epoch: int, labels: torch.Tensor | None):
+        out = self.model(batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
+                         batch.get("clip"))
+        momentum = self.model.momentum
+        queues = (momentum.queue_v, momentum.queue_w) if momentum is not None else None
+        loss, terms, diag = self.objective(out, batch, epoch, queues, labels)
+        return loss, terms, diag, out
+
+
+# -------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: dict, output_dir: str | Path, resume: str | None = None, progress: bool = True):
+        self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress
+        tcfg = cfg["train"]
+        self.device = resolve_device(tcfg["device"])
+        self.rank, self.world, local_rank = dist.init_distributed(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(tcfg["seed"], tcfg["deterministic"])
+        if dist.is_main():
+            prepare_data(cfg)
+        dist.barrier()
+
+        bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+        self.model = build_model(cfg, bert).to(self.device)
+        self.objective = Objective(cfg).to(self.device)
+        self.step_module: nn.Module = TrainStep(self.model, self.objective)
+        if self.world > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.objective.prototypes is not None)
+        self.optimizer = self._make_optimizer()
+        self._build_data()
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_rsum, self.best_epoch = -1.0, -1
+        self.centroids: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.writer = None
+        if dist.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump(cfg))
+            self.writer = SummaryWriter(str(self.out_dir))
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------------------------ building
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam/AdamW; BERT parameters (query encoder) train at text_lr_mult x lr (§4.2)."""
+        tcfg = self.cfg["train"]
+        params = [(n, p) for n, p in self.step_module.named_parameters() if p.requires_grad]
+        text = [p for n, p in params if ".backbone.bert." in f".{n}"]
+        rest = [p for n, p in params if ".backbone.bert." not in f".{n}"]
+        groups = [{"params": rest, "lr_mult": 1.0}, {"params": text, "lr_mult": tcfg["text_lr_mult"]}]
+        cls = torch.optim.AdamW if tcfg["optimizer"] == "adamw" else torch.optim.Adam
+        return cls(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+
+    def lr_at(self, epoch: int) -> float:
+        """Step schedule: lr x lr_decay at each epoch listed in train.lr_decay_epochs."""
+        tcfg = self.cfg["train"]
+        return tcfg["lr"] * tcfg["lr_decay"] ** sum(epoch >= e for e in tcfg["lr_decay_epochs"])
+
+    def _build_data(self) -> None:
+        from .data import PrecompDataset, collate
+
+        cfg, data = self.cfg, self.cfg["data"]
+        aug = data["augment"]
+        self.train_set = PrecompDataset(
+            data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"], train=aug,
+            region_dropout=data["region_dropout"] if aug else 0.0,
+            word_corruption=data["word_corruption"] if aug else 0.0,
+            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+        if self.train_set.region_dim != cfg["model"]["region_dim"]:
+            raise ValueError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
+                             f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")
+        batch = cfg["train"]["batch_size"]
+        if len(self.train_set) < batch * self.world:
+            raise ValueError(f"config key 'train.batch_size' ({batch}) x {self.world} process(es) exceeds the "
+                             f"{len(self.train_set)} training captions in {data['root']}")
+        base = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                  seed=cfg["train"]["seed"], drop_last=True)
+        self.sampler = ResumeSampler(base, batch)
+        cuda = self.device.type == "cuda"
+        self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
+                                       collate_fn=collate, num_workers=data["num_workers"], pin_memory=cuda,
+                                       persistent_workers=False)
+        self.val_sets = eval_datasets(cfg, self.tokenizer, data["val_split"], data["val_max_captions"])
+
+    @property
+    def unwrapped(self) -> TrainStep:
+        return self.step_module.module if isinstance(self.step_module, nn.parallel.DistributedDataParallel) \
+            else self.step_module
+
+    def steps_per_epoch(self) -> int:
+        full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
+        cap = self.cfg["train"]["max_steps_per_epoch"]
+        return min(full, cap) if cap > 0 else full
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "format": "coder", "version": FORMAT_VERSION, "config": self.cfg,
+            "model": self.model.state_dict(), "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "best_rsum": self.best_rsum, "best_epoch": self.best_epoch,
+            "rng": rng_state(), "kmeans": {"centroids": self.centroids, "labels": self.labels},
+        }
+
+    def save_last(self) -> None:
+        if dist.is_main():
+            atomic_save(self._state(), self.out_dir / "checkpoint_last.pth")
+
+    def save_best(self) -> None:
+        if dist.is_main():
+            state = {"format": "coder", "version": FORMAT_VERSION, "config": self.cfg,
+                     "model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                     "epoch": self.epoch, "best_rsum": self.best_rsum}
+            atomic_save(state, self.out_dir / "model_best.pth")
+
+    def _resume(self, resume: str) -> None:
+        path = self.out_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.exists():
+            return  # nothing to resume: a fresh run
+        ckpt = load_checkpoint(path, map_location=self.device)
+        diffs = config_differences(ckpt["config"], self.cfg)
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was trained with a different config; keys that differ: "
+                                  + "; ".join(diffs))
+        self.model.load_state_dict(ckpt["model"])
+        self.objective.load_state_dict(ckpt["objective"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.best_rsum, self.best_epoch = ckpt["best_rsum"], ckpt["best_epoch"]
+        self.centroids, self.labels = ckpt["kmeans"]["centroids"], ckpt["kmeans"]["labels"]
+        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ckpt["rng"].items()})
+        if dist.is_main():
+            print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} of the epoch")
+
+    # ------------------------------------------------------------------------------------ k-means (§3.4)
+    def pgc_active(self, epoch: int) -> bool:
+        return self.objective.prototypes is not None and epoch >= self.cfg["cluster"]["start_epoch"]
+
+    @torch.no_grad()
+    def update_clusters(self, epoch: int) -> None:
+        """Spherical k-means on momentum features of every training pair, warm-started, run on rank 0 and
+        broadcast; labels are looked up by dataset index during the epoch."""
+        from .clustering import spherical_kmeans
+        from .data import PrecompDataset, collate
+
+        ccfg, data = self.cfg["cluster"], self.cfg["data"]
+        k, dim = ccfg["k"], self.cfg["model"]["embed_dim"]
+        n = len(self.train_set)
+        labels = torch.zeros(n, dtype=torch.long, device=self.device)
+        centroids = torch.zeros(k, dim, device=self.device)
+        if dist.is_main():
+            plain = PrecompDataset(data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"],
+                                   train=False, captions_per_image=data["captions_per_image"],
+                                   load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+            loader = DataLoader(plain, batch_size=self.cfg["eval"]["batch_size"], collate_fn=collate,
+                                num_workers=data["num_workers"])
+            self.model.eval()
+            feats = []
+            for batch in tqdm(loader, desc="k-means features", leave=False, disable=not self.progress):
+                batch = self._to_device(batch)
+                with self._autocast():
+                    feats.append(self.model.momentum.encode_pairs(
+                        batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
+                        batch.get("clip")).float())
+            init = self.centroids.to(self.device) if self.centroids is not None else None
+            result = spherical_kmeans(torch.cat(feats), min(k, n), iters=ccfg["iters"], init=init,
+                                      chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
+                                      progress=self.progress)
+            labels.copy_(result.labels)
+            centroids[: result.centroids.size(0)].copy_(result.centroids)
+            if self.writer is not None:
+                sizes = torch.bincount(result.labels, minlength=result.centroids.size(0)).float()
+                self.writer.add_scalar("kmeans/inertia", float(result.inertia[-1]), epoch)
+                self.writer.add_scalar("kmeans/cluster_size_std", float(sizes.std()), epoch)
+                self.writer.add_scalar("kmeans/empty_clusters", float((sizes == 0).sum()), epoch)
+        self.labels, self.centroids = dist.broadcast(labels), dist.broadcast(centroids)
+
+    # ------------------------------------------------------------------------------------ training
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.cfg["train"]["amp"]
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_epoch(self, epoch: int) -> None:
+        tcfg = self.cfg["train"]
+        lr = self.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        self.step_module.train()
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, self.step_in_epoch)
+        total = self.steps_per_epoch()
+        labels = self.labels if self.pgc_active(epoch) else None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        diversities = []
+        bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
+                   disable=not (self.progress and dist.is_main()))
+        tic, seen = time.perf_counter(), 0
+        for batch in self.train_loader:
+            if self.step_in_epoch >= total:
+                break
+            batch = self._to_device(batch)
+            with self._autocast():
+                loss, terms, diag, out = self.step_module(
+                    batch, epoch, labels[batch["index"]] if labels is not None else None)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, tcfg["grad_clip"]) if tcfg["grad_clip"] > 0 else None
+            bad |= ~torch.isfinite(loss)  # checked without a per-step sync, before anything is saved
+            self.optimizer.step()
+            if self.model.momentum is not None:
+                self.model.momentum.enqueue(out["v_key"].float(), out["w_key"].float(), batch["image_index"])
+            if "diversity_v" in diag:
+                diversities.append(torch.cat([diag["diversity_v"], diag["diversity_w"]]))
+            self.step_in_epoch += 1
+            self.global_step += 1
+            seen += batch["input_ids"].size(0) * self.world
+            bar.update(1)
+            if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
+                self._check_finite(bad, epoch)
+                rate = seen / (time.perf_counter() - tic)
+                self._log_step(loss, terms, diag, grad_norm, lr, rate)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
+                self._check_finite(bad, epoch)
+                self.save_last()
+        bar.close()
+        self._check_finite(bad, epoch)
+        if diversities and self.writer is not None:
+            self.writer.add_histogram("diversity/epoch", torch.cat(diversities).float().cpu(), epoch)
+
+    def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
+        if bool(bad):
+            raise NonFiniteLossError(
+                f"non-finite loss in epoch {epoch} near step {self.step_in_epoch}; stopped without saving. "
+                f"The last good checkpoint is {self.out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
+                f"perhaps with a lower train.lr)")
+
+    def _log_step(self, loss, terms, diag, grad_norm, lr, rate) -> None:
+        if self.writer is None:
+            return
+        step, w = self.global_step, self.writer
+        w.add_scalar("loss/total", loss.item(), step)
+        for name, value in terms.items():
+            w.add_scalar(f"loss/{name}", value.item(), step)
+        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/samples_per_s", rate, step)
+        if grad_norm is not None:
+            w.add_scalar("train/grad_norm", grad_norm.item(), step)
+        for name in ("diversity_v", "diversity_w"):
+            if name in diag:
+                d = diag[name].float()
+                w.add_scalar(f"diversity/{name}_mean", d.mean().item(), step)
+                w.add_scalar(f"diversity/{name}_min", d.min().item(), step)
+                w.add_scalar(f"diversity/{name}_max", d.max().item(), step)
+        if self.model.momentum is not None:
+            w.add_scalar("queue/fill", self.model.momentum.queue_v.fill_fraction(), step)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def validate(self, epoch: int) -> float:
+        """Dev R@sum of the fused score (model selection, §4.2); computed on rank 0 and broadcast."""
+        score = torch.zeros((), dtype=torch.float64, device=self.device)
+        if dist.is_main():
+            result = evaluate_model(self.model, *self.val_sets, self.device, beta=self.cfg["eval"]["beta"],
+                                    batch_size=self.cfg["eval"]["batch_size"],
+                                    chunk_size=self.cfg["eval"]["chunk_size"], progress=self.progress)
+            score.fill_(result["rsum"])
+            for d in ("i2t", "t2i"):
+                for m in ("r1", "r5", "r10"):
+                    self.writer.add_scalar(f"dev/{d}_{m}", result[d][m], epoch)
+            self.writer.add_scalar("dev/rsum", result["rsum"], epoch)
+        return float(dist.broadcast(score))
+
+    def fit(self) -> dict | None:
+        epochs = self.cfg["train"]["epochs"]
+        bar = tqdm(range(self.epoch, epochs), desc="epochs", disable=not (self.progress and dist.is_main()))
+        for epoch in bar:
+            self.epoch = epoch
+            if self.pgc_active(epoch) and (self.labels is None or self.step_in_epoch == 0):
+                self.update_clusters(epoch)
+            self.train_epoch(epoch)
+            rsum = self.validate(epoch) if (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or \
+                epoch + 1 == epochs else -1.0
+            if rsum > self.best_rsum:
+                self.best_rsum, self.best_epoch = rsum, epoch
+                self.save_best()
+            bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+            self.save_last()
+            dist.barrier()
+        bar.close()
+        result = self.test() if dist.is_main() else None
+        dist.barrier()
+        if self.writer is not None:
+            self.writer.close()
+        return result
+
+    def test(self) -> dict:
+        """Evaluate model_best on the test split with the dataset's protocol; write eval_<split>.json."""
+        best = load_checkpoint(self.out_dir / "model_best.pth", map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        split = self.cfg["data"]["test_split"]
+        result = run_test(self.model, self.cfg, self.tokenizer, split, self.device, self.progress)
+        result["best_epoch"], result["best_dev_rsum"] = self.best_epoch, self.best_rsum
+        write_json(self.out_dir / f"eval_{split}.json", result)
+        print(f"\n{self.cfg['name']}: {split} ({self.cfg['data']['dataset']}), best epoch {self.best_epoch}\n"
+              + format_table(result))
+        return result
+
+
+def run_test(model, cfg: dict, tokenizer, split: str, device, progress: bool = True, fold5: bool | None = None) -> dict:
+    """The dataset's protocol on a split: COCO testall gets 5-fold 1K (averaged) and 5K; otherwise all."""
+    images, captions = eval_datasets(cfg, tokenizer, split)
+    if fold5 is None:
+        fold5 = cfg["data"]["dataset"] == "coco" and cfg["eval"]["fold5"] and len(images) >= 5000
+    result = evaluate_model(model, images, captions, device, beta=cfg["eval"]["beta"], fold5=fold5,
+                            captions_per_image=cfg["data"]["captions_per_image"],
+                            batch_size=cfg["eval"]["batch_size"], chunk_size=cfg["eval"]["chunk_size"],
+                            progress=progress, branches=True)
+    result["split"], result["dataset"] = split, cfg["data"]["dataset"]
+    return result
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

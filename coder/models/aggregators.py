@@ -1,0 +1,81 @@
+"""Feature aggregators g_vis / g_text of Eq. 1: a set of local features (B, L, F) -> one vector (B, F).
+
+`gpo` is VSE-infinity's Generalized Pooling Operator, which CODER's instance branch uses (SPEC §4.1);
+`mean` and `max` are for ablations. All take `lengths` and ignore padded positions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+def valid_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, max_len) bool, True at real (non-padded) positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def positional_encoding(max_len: int, dim: int, device=None) -> Tensor:
+    """Sinusoidal position encodings (max_len, dim)."""
+    pos = torch.arange(max_len, dtype=torch.float32, device=device)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(max_len, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+class GPO(nn.Module):
+    """Generalized Pooling Operator: a learned weighting of each channel's sorted values.
+
+    Weights come from position encodings through a bidirectional GRU (directions averaged) and a linear
+    score, softmax(score / 0.1) over the valid positions; every channel is sorted in descending order over
+    the valid positions and output = sum_k w_k * sorted_k.
+    """
+
+    def __init__(self, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1):
+        super().__init__()
+        self.pe_dim, self.temperature = pe_dim, temperature
+        self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
+        """(B, max_len, 1) weights, zero at padded positions, summing to one."""
+        pe = positional_encoding(max_len, self.pe_dim, lengths.device).expand(len(lengths), -1, -1)
+        packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)
+        out = (out[..., : out.size(-1) // 2] + out[..., out.size(-1) // 2 :]) / 2
+        scores = self.score(out).squeeze(-1).float()
+        scores = scores.masked_fill(~valid_mask(lengths, max_len), float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1).unsqueeze(-1)
+
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        max_len = int(lengths.max())
+        features = features[:, :max_len]
+        weights = self.pool_weights(lengths, max_len).to(features.dtype)
+        mask = valid_mask(lengths, max_len).unsqueeze(-1)
+        # padded positions sort last (-inf) and are then zeroed, so they never contribute
+        ranked = features.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values
+        ranked = ranked.masked_fill(~mask, 0.0)
+        return (ranked * weights).sum(dim=1)
+
+
+class MeanPool(nn.Module):
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        mask = valid_mask(lengths, features.size(1)).unsqueeze(-1).to(features.dtype)
+        return (features * mask).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(features.dtype)
+
+
+class MaxPool(nn.Module):
+    def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
+        mask = valid_mask(lengths, features.size(1)).unsqueeze(-1)
+        return features.masked_fill(~mask, float("-inf")).amax(dim=1)
+
+
+def build_aggregator(name: str) -> nn.Module:
+    builders = {"gpo": GPO, "mean": MeanPool, "max": MaxPool}
+    if name not in builders:
+        raise ValueError(f"unknown aggregator '{name}', expected one of {sorted(builders)}")
+    return builders[name]()

