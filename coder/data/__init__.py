@@ -1,0 +1,7 @@
+"""Data: precomputed region features, caption tokenisation and batching (SPEC §3.1, §3.2)."""
+from .collate import collate
+from .precomp import DataError, PrecompCaptions, PrecompDataset, PrecompImages, PrecompSplit, drop_regions
+from .text import corrupt_words, tokenize_caption
+
+__all__ = ["DataError", "PrecompSplit", "PrecompDataset", "PrecompImages", "PrecompCaptions", "collate",
+           "drop_regions", "tokenize_caption", "corrupt_words"]
