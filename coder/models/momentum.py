@@ -1,0 +1,134 @@
+"""Momentum (key) encoders and the FIFO memory banks of CODER's M-DCL (paper §3.2; SPEC §4.3; MoCo).
+
+Train/eval mode of a key encoder is left to the caller: `make_key_encoder` copies the query's mode
+and nothing here changes it. MoCo runs the key encoder in train mode during training (BatchNorm
+uses batch statistics), so keep it in the same mode as the model (`model.train()` does this when the
+key encoder is a submodule). Its running BatchNorm statistics are copied from the query encoder by
+`momentum_update`, so in eval mode it behaves like a parameter-averaged query encoder.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["momentum_update", "make_key_encoder", "FeatureQueue"]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The wrapped module of a DistributedDataParallel/DataParallel wrapper, else the module."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return module.module
+    return module
+
+
+@torch.no_grad()
+def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
+    """theta_k = m * theta_k + (1 - m) * theta_q for parameters; buffers copied from the query.
+
+    Parameters and buffers are paired in registration order, so `query` may be a DDP wrapper of
+    the module `key` was copied from.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum m must be in [0, 1], got {m}")
+    key, query = _unwrap(key), _unwrap(query)
+    key_params, query_params = _paired(key.named_parameters(), query.named_parameters(), "parameter")
+    key_buffers, query_buffers = _paired(key.named_buffers(), query.named_buffers(), "buffer")
+    if key_params:
+        torch._foreach_lerp_(key_params, query_params, 1.0 - m)  # k + (1-m)(q - k), MoCo's update
+    for k, q in zip(key_buffers, query_buffers):
+        k.copy_(q)
+
+
+def _paired(key_named, query_named, kind: str) -> tuple[list[Tensor], list[Tensor]]:
+    """Tensors of two modules paired by order, with a clear error when the structures differ."""
+    key_named, query_named = list(key_named), list(query_named)
+    if len(key_named) != len(query_named):
+        raise ValueError(
+            f"key encoder has {len(key_named)} {kind}s but query encoder has {len(query_named)}: "
+            "the key encoder must be a copy of the query encoder (make_key_encoder)"
+        )
+    for (k_name, k), (q_name, q) in zip(key_named, query_named):
+        if k.shape != q.shape:
+            raise ValueError(
+                f"{kind} shape mismatch: key {k_name} {tuple(k.shape)} vs query {q_name} {tuple(q.shape)}"
+            )
+    return [k for _, k in key_named], [q for _, q in query_named]
+
+
+def make_key_encoder(query: nn.Module) -> nn.Module:
+    """A frozen deep copy of `query` (unwrapped from DDP), with the query's train/eval mode."""
+    key = copy.deepcopy(_unwrap(query))
+    key.requires_grad_(False)
+    return key
+
+
+class FeatureQueue(nn.Module):
+    """FIFO of unit vectors with the image id of each entry, as registered buffers (saved in state_dict).
+
+    Buffers: features (size, dim) random unit vectors at first, ids (size,) long with -1 for "no
+    image", ptr (1,) the next slot to write, filled (1,) how many slots hold real keys.
+    Initialise with the same seed on every DDP rank (or broadcast) so the random start agrees.
+    Enqueue only after backward, or read `features.clone()`: enqueue writes the buffer in place.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"FeatureQueue needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
+        self.size, self.dim = size, dim
+        self.register_buffer("features", nn.functional.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, ids: Tensor) -> None:
+        """Write a batch of keys (B, dim) and their image ids (B,) over the oldest entries.
+
+        Under DDP (initialised, world size > 1) keys and ids of all ranks are gathered first, in
+        rank order, so every rank holds the same queue. Batches that do not divide the size wrap
+        around; a batch larger than the queue keeps its newest `size` keys.
+        """
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"FeatureQueue.enqueue: keys must be (B, {self.dim}), got {tuple(keys.shape)}")
+        if ids.shape != (keys.shape[0],):
+            raise ValueError(
+                f"FeatureQueue.enqueue: ids must be ({keys.shape[0]},) like keys, got {tuple(ids.shape)}"
+            )
+        keys = keys.detach().to(self.features)
+        ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            keys, ids = _all_gather_rows(keys, ids)
+        batch = keys.shape[0]
+        kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
+        start = int(self.ptr)
+        slots = (start + torch.arange(batch - kept, batch, device=self.features.device)) % self.size
+        self.features[slots] = keys[batch - kept:]
+        self.ids[slots] = ids[batch - kept:]
+        self.ptr.fill_((start + batch) % self.size)
+        self.filled.fill_(min(int(self.filled) + batch, self.size))
+
+    def fill_fraction(self) -> float:
+        """Fraction of slots that hold real keys rather than the random initialisation."""
+        return int(self.filled) / self.size
+
+
+def _all_gather_rows(*tensors: Tensor) -> list[Tensor]:
+    """Concatenate every rank's rows of each tensor in rank order; ranks may hold different counts."""
+    world, rows = dist.get_world_size(), tensors[0].shape[0]
+    length = torch.tensor([rows], dtype=torch.long, device=tensors[0].device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n) for n in lengths]
+    gathered_tensors = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))  # all_gather needs equal shapes
+        padded[:rows] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        gathered_tensors.append(torch.cat([g[:n] for g, n in zip(gathered, lengths)]))
+    return gathered_tensors
