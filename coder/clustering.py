@@ -1,0 +1,129 @@
+"""Online spherical k-means for CODER's prototype labels z (paper §3.4, SPEC §5).
+
+Lloyd iterations on the unit sphere: assign each point to the centroid of highest cosine, then set
+each centroid to the normalised sum of its points. Chunked matmuls on x's device keep memory at
+chunk_size x k similarities; a warm start from the previous epoch's centroids keeps cluster ids
+aligned with the prototype classifier P^C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+@dataclass
+class KMeansResult:
+    centroids: Tensor  # (k, F) unit rows, float32
+    labels: Tensor  # (N,) long, labels[i] = argmax_j cos(x_i, centroids_j)
+    inertia: list[float]  # sum_i (1 - cos(x_i, c_{labels_i})) after each assignment step
+    sizes: Tensor  # (k,) long, points per cluster
+
+
+def _assign(x: Tensor, centroids: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Best centroid (labels) and its cosine for every row of x, chunk by chunk."""
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    best = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = F.normalize(x[start:start + chunk_size].float(), dim=1)
+        best[start:start + chunk_size], labels[start:start + chunk_size] = (chunk @ centroids.T).max(dim=1)
+    return labels, best
+
+
+def _update(x: Tensor, labels: Tensor, best: Tensor, k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """New centroids = normalised sums of their points; empty clusters re-seeded from the points
+    farthest from their own centroid (deterministic: stable sort, then index order)."""
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = F.normalize(x[start:start + chunk_size].float(), dim=1)
+        sums.index_add_(0, labels[start:start + chunk_size], chunk)
+    sizes = torch.bincount(labels, minlength=k)
+    empty = (sizes == 0).nonzero().flatten()
+    centroids = F.normalize(sums, dim=1)
+    if empty.numel():
+        farthest = torch.sort(best, stable=True).indices  # lowest cosine first
+        picks = farthest[torch.arange(empty.numel(), device=x.device) % x.shape[0]]  # k > N: reuse points
+        centroids[empty] = F.normalize(x[picks].float(), dim=1)
+    return centroids, sizes
+
+
+def _inertia(best: Tensor) -> float:
+    """sum_i (1 - cos_i) in float64; cos above 1 by rounding counts as 0."""
+    return float((1.0 - best.double()).clamp_min(0.0).sum())
+
+
+def _random_init(x: Tensor, k: int, seed: int) -> Tensor:
+    """k distinct random rows of x (repeating the permutation when k > N), seeded on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(x.shape[0], generator=generator)
+    picks = order[torch.arange(k) % x.shape[0]].to(x.device)
+    return F.normalize(x[picks].float(), dim=1)
+
+
+def spherical_kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    iters: int = 15,
+    init: Tensor | None = None,
+    chunk_size: int = 65536,
+    seed: int = 0,
+    progress: bool = False,
+    use_faiss: bool = False,
+) -> KMeansResult:
+    """Cluster the rows of x (N, F) (normalised on the fly) into k clusters on the unit sphere.
+
+    ``init`` (k, F), e.g. the previous epoch's centroids, is a warm start: cluster j starts at
+    init[j], so ids stay aligned. The objective never rises between iterations; stops early once
+    no label changes. ``use_faiss`` hands the work to faiss (if importable) instead of torch.
+    """
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"spherical_kmeans expects x of shape (N, F) with N >= 1, got {tuple(x.shape)}")
+    if k < 1 or iters < 0 or chunk_size < 1:
+        raise ValueError(f"need k >= 1, iters >= 0, chunk_size >= 1; got k={k}, iters={iters}, chunk_size={chunk_size}")
+    if init is not None and tuple(init.shape) != (k, x.shape[1]):
+        raise ValueError(f"init must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("spherical_kmeans: x contains non-finite values")
+    if use_faiss:
+        return _faiss_kmeans(x, k, iters=iters, init=init, seed=seed)
+
+    with torch.no_grad():
+        centroids = F.normalize(init.to(x.device).float(), dim=1) if init is not None else _random_init(x, k, seed)
+        inertia: list[float] = []
+        labels, best = _assign(x, centroids, chunk_size)
+        inertia.append(_inertia(best))
+        bar = tqdm(range(iters), desc="k-means", disable=not progress, leave=False)
+        for _ in bar:
+            centroids, _ = _update(x, labels, best, k, chunk_size)
+            new_labels, best = _assign(x, centroids, chunk_size)
+            inertia.append(_inertia(best))
+            bar.set_postfix(inertia=f"{inertia[-1]:.1f}")
+            converged = torch.equal(new_labels, labels)
+            labels = new_labels
+            if converged:
+                break
+        bar.close()
+        sizes = torch.bincount(labels, minlength=k)
+    return KMeansResult(centroids, labels, inertia, sizes)
+
+
+def _faiss_kmeans(x: Tensor, k: int, *, iters: int, init: Tensor | None, seed: int) -> KMeansResult:
+    """The same clustering through faiss (optional dependency; not installed by requirements.txt)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("use_faiss=True needs the faiss package (faiss-cpu or faiss-gpu)") from None
+    data = F.normalize(x.float(), dim=1).cpu().numpy()
+    kmeans = faiss.Kmeans(data.shape[1], k, niter=iters, spherical=True, seed=seed,
+                          gpu=x.is_cuda, verbose=False)
+    start = None if init is None else F.normalize(init.float(), dim=1).cpu().numpy()
+    kmeans.train(data, init_centroids=start)
+    # Final assignment by our own chunked cosine argmax, whatever metric faiss's index uses.
+    centroids = F.normalize(torch.from_numpy(kmeans.centroids).to(x.device), dim=1)
+    labels, best = _assign(x, centroids, 65536)
+    inertia = [_inertia(best)]
+    return KMeansResult(centroids, labels, inertia, torch.bincount(labels, minlength=k))
