@@ -174,7 +174,8 @@ class Trainer:
             data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"], train=aug,
             region_dropout=data["region_dropout"] if aug else 0.0,
             word_corruption=data["word_corruption"] if aug else 0.0,
-            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"], clip_dim=data["clip_dim"],
+            seed=cfg["train"]["seed"])
         if self.train_set.region_dim != cfg["model"]["region_dim"]:
             raise ValueError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
                              f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")

@@ -104,9 +104,8 @@ def encode_split(model, images_ds, captions_ds, device, batch_size: int = 256, n
                                      batch["region_lengths"].to(device), clip)
         for key, value in emb.items():
             out.setdefault(key, []).append(value.float().cpu())
-    lengths = np.array([len(captions_ds.token_ids(i)) for i in range(len(captions_ds))]) \
-        if hasattr(captions_ds, "token_ids") else None
-    order = np.argsort(lengths, kind="stable").tolist() if lengths is not None else None
+    words = getattr(getattr(captions_ds, "files", None), "captions", None)  # length proxy: word count
+    order = np.argsort([len(c.split()) for c in words], kind="stable").tolist() if words else None
     for batch in tqdm(_loader(captions_ds, batch_size, num_workers, order), desc="encode captions",
                       leave=False, disable=not progress):
         with _autocast(device):

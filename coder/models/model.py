@@ -164,7 +164,8 @@ def build_model(cfg: dict, bert: nn.Module) -> ITRModel:
     model_cfg = cfg["model"]
     vocab = None
     if model_cfg["concept"]["enabled"]:
-        from ..concepts import load_concept_vocab
+        from ..concepts import load_concepts
 
-        vocab = load_concept_vocab(model_cfg["concept"]["vocab"])
+        concepts = load_concepts(model_cfg["concept"]["vocab"])
+        vocab = {"counts": concepts.counts, "cooccurrence": concepts.cooccurrence, "glove": concepts.glove}
     return ITRModel(model_cfg, bert, vocab)
