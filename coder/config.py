@@ -182,21 +182,34 @@ def nest(keys: list[str], value: Any) -> dict:
     return out
 
 
+def _read_layers(path: Path, seen: tuple = ()) -> list[dict]:
+    """A file's mappings from its `base:` ancestors down to itself (an ablation is a diff of its base)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {path} must be a path relative to that file")
+    return _read_layers(path.parent / base, seen + (path.resolve(),)) + [data]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults <- YAML file <- `--set` overrides, validated; the name defaults to the file's stem."""
+    """Defaults <- base files <- YAML file <- `--set` overrides, validated; the run is named after the file."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _merge(cfg, data)
-        cfg["name"] = cfg["name"] or path.stem
+        for layer in _read_layers(path):
+            _merge(cfg, layer)
+        cfg["name"] = path.stem
     for text in overrides:
         keys, value = parse_override(text)
         _merge(cfg, nest(keys, value))

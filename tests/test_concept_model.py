@@ -186,7 +186,7 @@ def test_pgc_labels_read_by_dataset_index():
 
 
 def test_pgc_rejects_bad_labels():
-    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+    with pytest.raises(IndexError):  # out-of-range ids fail in cross-entropy itself (no per-step sync)
         pgc_loss(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="integer ids"):
         pgc_loss(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0.0, 1.0]))

@@ -51,6 +51,22 @@ def test_errors_name_the_key(tmp_path, text, override, match):
         load_config(write(tmp_path, text), override)
 
 
+def test_base_files_layer_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  batch_size: 32\nloss:\n  mu: 0.5\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\ntrain:\n  batch_size: 64\n")
+    cfg = load_config(child)
+    assert cfg["name"] == "child"
+    assert (cfg["train"]["epochs"], cfg["train"]["batch_size"], cfg["loss"]["mu"]) == (7, 64, 0.5)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "orphan.yaml")
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

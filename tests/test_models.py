@@ -107,3 +107,17 @@ def test_missing_text_encoder_names_the_path(tmp_path):
 def test_text_layers_truncation(tiny_bert_dir):
     bert, _ = load_text_backbone(tiny_bert_dir, num_layers=1)
     assert len(bert.encoder.layer) == 1
+
+
+def test_gpo_weights_depend_on_length_only_and_match_per_sample_gru():
+    """The once-per-distinct-length GRU equals running the GRU on every sample separately."""
+    torch.manual_seed(0)
+    gpo = GPO()
+    lengths = torch.tensor([5, 3, 5, 1, 3, 7])
+    batched = gpo.pool_weights(lengths, 7)
+    for b, n in enumerate(lengths.tolist()):
+        pe = positional_encoding(n, 32).unsqueeze(0)
+        out = gpo.gru(pe)[0]
+        out = (out[..., :32] + out[..., 32:]) / 2
+        expected = torch.softmax(gpo.score(out).squeeze(-1) / 0.1, dim=1)[0]
+        torch.testing.assert_close(batched[b, :n, 0], expected, atol=1e-6, rtol=1e-5)

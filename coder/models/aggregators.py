@@ -42,14 +42,19 @@ class GPO(nn.Module):
         self.score = nn.Linear(hidden, 1, bias=False)
 
     def pool_weights(self, lengths: Tensor, max_len: int) -> Tensor:
-        """(B, max_len, 1) weights, zero at padded positions, summing to one."""
-        pe = positional_encoding(max_len, self.pe_dim, lengths.device).expand(len(lengths), -1, -1)
-        packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        """(B, max_len, 1) weights, zero at padded positions, summing to one.
+
+        The GRU reads only position encodings, so its output depends on the length alone: it runs once
+        per distinct length (at most L sequences instead of B) and the result is gathered back.
+        """
+        distinct, inverse = torch.unique(lengths, return_inverse=True)
+        pe = positional_encoding(max_len, self.pe_dim, lengths.device).expand(len(distinct), -1, -1)
+        packed = pack_padded_sequence(pe, distinct.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)
         out = (out[..., : out.size(-1) // 2] + out[..., out.size(-1) // 2 :]) / 2
         scores = self.score(out).squeeze(-1).float()
-        scores = scores.masked_fill(~valid_mask(lengths, max_len), float("-inf"))
-        return torch.softmax(scores / self.temperature, dim=1).unsqueeze(-1)
+        scores = scores.masked_fill(~valid_mask(distinct, max_len), float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1)[inverse].unsqueeze(-1)
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         max_len = int(lengths.max())

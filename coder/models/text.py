@@ -41,7 +41,10 @@ def resolve_model_dir(name: str) -> str:
 def load_text_backbone(name: str, num_layers: int | None = None):
     """(BertModel, BertTokenizerFast) from a local directory or the local cache; never downloads."""
     from transformers import BertModel, BertTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected: we drop the pooling layer
+    hf_logging.disable_progress_bar()
     path = resolve_model_dir(name)
     try:
         tokenizer = BertTokenizerFast.from_pretrained(path)
