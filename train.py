@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from coder.checkpoint import CheckpointError
     from coder.config import ConfigError, load_config
     from coder.distributed import cleanup
-    from coder.engine import Trainer
+    from coder.engine import NonFiniteLossError, Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # an expected way for training to fail: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         cleanup()
     return 0

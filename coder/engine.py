@@ -187,9 +187,12 @@ class Trainer:
                                   seed=cfg["train"]["seed"], drop_last=True)
         self.sampler = ResumeSampler(base, batch)
         cuda = self.device.type == "cuda"
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a run resumed
+        # mid-epoch (which starts one more iterator after restoring that RNG) would drift from an uninterrupted one.
+        self.loader_generator = torch.Generator()
         self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
                                        collate_fn=collate, num_workers=data["num_workers"], pin_memory=cuda,
-                                       persistent_workers=False)
+                                       persistent_workers=False, generator=self.loader_generator)
         self.val_sets = eval_datasets(cfg, self.tokenizer, data["val_split"], data["val_max_captions"])
 
     @property
@@ -301,6 +304,7 @@ class Trainer:
         self.step_module.train()
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, self.step_in_epoch)
+        self.loader_generator.manual_seed(tcfg["seed"] + epoch)  # worker seeds: a function of (seed, epoch)
         total = self.steps_per_epoch()
         labels = self.labels if self.pgc_active(epoch) else None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

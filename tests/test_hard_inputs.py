@@ -1,0 +1,424 @@
+"""Hard inputs (SPEC §3.1, §8): one test per row of the README's "Bad inputs" table, through the real command lines.
+
+Each test makes one bad input, runs `train.main` / `evaluate.main` / `scripts/build_concepts.py` in this
+process, and checks the exit status and that the message matches the row's "What you see" column (the
+doc's `<...>` placeholders match anything). Then "nothing is lost": a non-finite loss or a failed save
+leaves the previous checkpoints byte-for-byte intact.
+"""
+import errno
+import hashlib
+import importlib.util
+import io
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+from coder.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "README.md"
+IMAGES, CAPTIONS_PER_IMAGE, REGION_DIM = 8, 5, 16
+TESTED_ROWS: set[str] = set()
+
+
+# ------------------------------------------------------------------------------------------ the table
+def doc_rows() -> dict[str, str]:
+    """Input column -> message (inside backticks) of every row of the table."""
+    rows = {}
+    section = DOC.read_text(encoding="utf-8").split("\n## Bad inputs\n", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        match = re.fullmatch(r"\| (.+?) \| `(.+)` \|", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    return rows
+
+
+def row(name: str):
+    """Mark a test as the check of the table row whose Input column starts with `name`."""
+    TESTED_ROWS.add(name)
+    return lambda test: test
+
+
+def message_pattern(name: str) -> re.Pattern:
+    matches = [msg for key, msg in doc_rows().items() if key.startswith(name)]
+    assert len(matches) == 1, f"README.md Bad inputs: {len(matches)} rows start with {name!r}"
+    parts = re.split(r"<[^<>]+>", matches[0])
+    return re.compile(".+?".join(re.escape(p) for p in parts))
+
+
+def assert_message(name: str, text: str) -> None:
+    """Some line of `text` starts with the row's message (placeholders match anything)."""
+    pattern = message_pattern(name)
+    assert any(pattern.match(line) for line in text.splitlines()), \
+        f"row {name!r}: expected a line matching {pattern.pattern!r}, got:\n{text}"
+
+
+def test_every_row_of_the_table_has_a_test():
+    assert set(doc_rows()) and {k for k in doc_rows() if not any(k.startswith(n) for n in TESTED_ROWS)} == set()
+    assert all(sum(k.startswith(n) for k in doc_rows()) == 1 for n in TESTED_ROWS)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory):
+    from coder.data.demo import generate_demo_data
+
+    return generate_demo_data(tmp_path_factory.mktemp("clean"), seed=0, train_images=IMAGES, dev_images=2,
+                              test_images=2, region_dim=REGION_DIM)
+
+
+@pytest.fixture
+def data(tmp_path, clean_data) -> Path:
+    """A private copy of the tiny demo data set, free to break."""
+    return Path(shutil.copytree(clean_data, tmp_path / "data"))
+
+
+def write_config(path: Path, root: Path, bert_dir: str, epochs: int = 1, steps: int = 2) -> Path:
+    path.write_text(textwrap.dedent(f"""
+        method: coder
+        data: {{root: {root}, demo: false}}
+        model: {{text_encoder: {bert_dir}, region_dim: {REGION_DIM}, embed_dim: 32}}
+        train: {{epochs: {epochs}, batch_size: 4, max_steps_per_epoch: {steps}, device: cpu, log_every: 1,
+                 save_every: 0}}
+        eval: {{batch_size: 16}}
+        """))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, data, tiny_bert_dir) -> Path:
+    return write_config(tmp_path / "tiny.yaml", data, tiny_bert_dir)
+
+
+def run_train(capsys, *argv: str) -> tuple[int, str]:
+    code = train.main([*argv, "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def train_fails(capsys, config: Path, tmp_path: Path, *overrides: str) -> str:
+    args = [a for o in overrides for a in ("--set", o)]
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "run"), *args)
+    assert code == 2, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, clean_data, tiny_bert_dir):
+    """A finished tiny run: its config and output folder (checkpoint_last.pth, model_best.pth)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = write_config(tmp / "tiny.yaml", clean_data, tiny_bert_dir)
+    assert train.main(["--config", str(config), "--output", str(tmp / "run"), "--no-progress"]) == 0
+    return config, tmp / "run"
+
+
+def run_evaluate(capsys, checkpoint: Path, *argv: str) -> tuple[int, str]:
+    code = evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress", *argv])
+    return code, capsys.readouterr().err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ config
+@row("Config file missing")
+def test_config_file_missing(capsys, tmp_path):
+    code, err = run_train(capsys, "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    assert_message("Config file missing", err)
+
+
+@row("Unknown config key")
+def test_unknown_config_key(capsys, config, tmp_path):
+    assert_message("Unknown config key", train_fails(capsys, config, tmp_path, "train.epoch=3"))
+    config.write_text(config.read_text() + "trian: {epochs: 3}\n")  # in the YAML too
+    assert "unknown config key 'trian'" in train_fails(capsys, config, tmp_path)
+
+
+@row("Config value of the wrong type")
+def test_config_value_of_wrong_type(capsys, config, tmp_path):
+    assert_message("Config value of the wrong type", train_fails(capsys, config, tmp_path, "train.epochs=two"))
+
+
+@row("Config value outside its choices")
+def test_config_value_outside_choices(capsys, config, tmp_path):
+    assert_message("Config value outside its choices", train_fails(capsys, config, tmp_path, "loss.instance=dlc"))
+
+
+@row("Malformed `--set`")
+def test_malformed_set(capsys, config, tmp_path):
+    assert_message("Malformed `--set`", train_fails(capsys, config, tmp_path, "train.epochs"))
+
+
+# ------------------------------------------------------------------------------------------ text model
+@row("Text encoder / tokenizer folder missing")
+def test_text_encoder_missing(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, f"model.text_encoder={tmp_path / 'no_bert'}")
+    assert_message("Text encoder / tokenizer folder missing", err)
+    assert str(tmp_path / "no_bert") in err
+
+
+# ------------------------------------------------------------------------------------------ data
+@row("Split file missing")
+def test_split_file_missing(capsys, config, tmp_path, data):
+    (data / "train_ims.npy").unlink()
+    assert_message("Split file missing", train_fails(capsys, config, tmp_path))
+
+
+@row("Features file that is not")
+def test_features_not_npy(capsys, config, tmp_path, data):
+    (data / "train_ims.npy").write_bytes(b"these are not features\n")
+    assert_message("Features file that is not", train_fails(capsys, config, tmp_path))
+
+
+@row("Features of the wrong rank")
+def test_features_wrong_rank(capsys, config, tmp_path, data):
+    np.save(data / "train_ims.npy", np.zeros((IMAGES, 36 * REGION_DIM), np.float32))
+    err = train_fails(capsys, config, tmp_path)
+    assert_message("Features of the wrong rank", err)
+    assert f"got shape ({IMAGES}, {36 * REGION_DIM})" in err
+
+
+@row("Features of the wrong dtype")
+def test_features_wrong_dtype(capsys, config, tmp_path, data):
+    np.save(data / "train_ims.npy", np.load(data / "train_ims.npy").astype(np.float64))
+    assert_message("Features of the wrong dtype", train_fails(capsys, config, tmp_path))
+
+
+@row("Captions count not a multiple")
+def test_captions_not_a_multiple(capsys, config, tmp_path, data):
+    with open(data / "train_caps.txt", "a", encoding="utf-8") as f:
+        f.write("one caption too many\n")
+    err = train_fails(capsys, config, tmp_path)
+    assert_message("Captions count not a multiple", err)
+    assert f"{IMAGES * CAPTIONS_PER_IMAGE + 1} captions" in err and f"the {IMAGES} image rows" in err
+
+
+@row("Empty caption line")
+def test_empty_caption_line(capsys, config, tmp_path, data):
+    lines = (data / "train_caps.txt").read_text(encoding="utf-8").splitlines()
+    lines[6] = "   "
+    (data / "train_caps.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    err = train_fails(capsys, config, tmp_path)
+    assert_message("Empty caption line", err)
+    assert "line 7 is an empty caption" in err
+
+
+@row("NaN or inf in a feature row")
+def test_non_finite_features(capsys, config, tmp_path, data):
+    features = np.load(data / "train_ims.npy")
+    features[3, 5, 2] = np.inf
+    np.save(data / "train_ims.npy", features)
+    # a full epoch reads every row; the data set opens fine, the batch holding row 3 fails
+    err = train_fails(capsys, config, tmp_path, "train.max_steps_per_epoch=0")
+    assert_message("NaN or inf in a feature row", err)
+    assert "row 3 holds" in err
+    assert not (tmp_path / "run" / "checkpoint_last.pth").exists()
+
+
+@row("`S_ids.txt` count differs")
+def test_ids_count_differs(capsys, config, tmp_path, data):
+    ids = (data / "train_ids.txt").read_text().splitlines()
+    (data / "train_ids.txt").write_text("\n".join(ids[:-1]) + "\n")
+    err = train_fails(capsys, config, tmp_path)
+    assert_message("`S_ids.txt` count differs", err)
+    assert f"{IMAGES - 1} ids" in err
+
+
+@row("Region dimension differs")
+def test_region_dim_differs(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "model.region_dim=32")
+    assert_message("Region dimension differs", err)
+    assert f"has {REGION_DIM}-d regions" in err
+
+
+@row("Batch larger than the training set")
+def test_batch_larger_than_data(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "train.batch_size=64")
+    assert_message("Batch larger than the training set", err)
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+@row("CLIP features missing")
+def test_clip_features_missing(capsys, config, tmp_path, data):
+    (data / "train_clip.npy").unlink()
+    assert_message("CLIP features missing", train_fails(capsys, config, tmp_path, "data.clip_features=true"))
+
+
+@row("CLIP features with wrong rows or dimension")
+def test_clip_features_wrong_shape(capsys, config, tmp_path, data):
+    for shape in ((IMAGES, 256), (IMAGES - 1, 512)):
+        np.save(data / "train_clip.npy", np.zeros(shape, np.float32))
+        err = train_fails(capsys, config, tmp_path, "data.clip_features=true")
+        assert_message("CLIP features with wrong rows or dimension", err)
+        assert f"shape {shape}" in err
+
+
+# ------------------------------------------------------------------------------------------ concepts
+@row("Concept vocabulary missing")
+def test_concept_vocabulary_missing(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "model.concept.enabled=true", "model.momentum.enabled=true",
+                      f"model.concept.vocab={tmp_path / 'concepts.npz'}")
+    assert_message("Concept vocabulary missing", err)
+
+
+def build_concepts_script():
+    spec = importlib.util.spec_from_file_location("build_concepts_script", REPO / "scripts" / "build_concepts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@row("GloVe file missing")
+def test_glove_file_missing(data, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        build_concepts_script().main(["--root", str(data), "--glove", str(tmp_path / "glove.txt"),
+                                      "--output", str(tmp_path / "out")])
+    assert_message("GloVe file missing", f"{info.type.__name__}: {info.value}")
+
+
+@row("GloVe line with the wrong number")
+def test_glove_bad_line(data, tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 0.1 0.2 0.3\ncat 0.4 0.5 0.6\nred 0.7 0.8\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        build_concepts_script().main(["--root", str(data), "--glove", str(glove), "--output", str(tmp_path / "out")])
+    text = f"{info.type.__name__}: {info.value}"
+    assert_message("GloVe line with the wrong number", text)
+    assert f"{glove}:3: expected 3 values, got 2" in text
+    assert not (tmp_path / "out" / "concepts.npz").exists()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+@row("Checkpoint missing")
+def test_checkpoint_missing(capsys, tmp_path):
+    code, err = run_evaluate(capsys, tmp_path / "model_best.pth")
+    assert code == 2
+    assert_message("Checkpoint missing", err)
+
+
+@row("Truncated checkpoint")
+def test_truncated_checkpoint(capsys, tmp_path, trained):
+    data = (trained[1] / "model_best.pth").read_bytes()
+    for size in (0, 100, len(data) // 2, len(data) - 1):
+        path = tmp_path / "model_best.pth"
+        path.write_bytes(data[:size])
+        code, err = run_evaluate(capsys, path)
+        assert code == 2, size
+        assert_message("Truncated checkpoint", err)
+
+
+class Payload:
+    """Unpickling this runs `open(marker, 'w')`: a stand-in for arbitrary code in a foreign pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@row("Pickle with foreign code")
+def test_pickle_with_foreign_code_is_refused(capsys, tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "model_best.pth"
+    torch.save({"format": "coder", "config": {}, "model": {"w": torch.zeros(2)}, "extra": Payload(marker)}, path)
+    code, err = run_evaluate(capsys, path)
+    assert code == 2
+    assert_message("Pickle with foreign code", err)
+    assert not marker.exists()
+
+
+@row("A torch file that is not a coder checkpoint")
+def test_not_a_coder_checkpoint(capsys, tmp_path):
+    path = tmp_path / "weights.pth"
+    for obj in ([1, 2, 3], {"state_dict": {"w": torch.zeros(2)}}, {"format": "other", "model": {}, "config": {}}):
+        torch.save(obj, path)
+        code, err = run_evaluate(capsys, path)
+        assert code == 2
+        assert_message("A torch file that is not a coder checkpoint", err)
+
+
+@row("`--resume` with a checkpoint of another config")
+def test_resume_with_another_config(capsys, tmp_path, trained):
+    config, run = trained
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    before = digest(out / "checkpoint_last.pth")
+    code, err = run_train(capsys, "--config", str(config), "--output", str(out), "--resume", "auto",
+                          "--set", "train.lr=0.001", "--set", "train.epochs=2")
+    assert code == 2
+    assert_message("`--resume` with a checkpoint of another config", err)
+    assert "train.epochs" not in err  # more epochs is a legitimate change on resume
+    assert digest(out / "checkpoint_last.pth") == before
+
+
+@row("`evaluate.py --set` on a model")
+def test_evaluate_refuses_model_overrides(capsys, trained):
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--set", "model.embed_dim=64")
+    assert code == 2
+    assert_message("`evaluate.py --set` on a model", err)
+
+
+# ------------------------------------------------------------------------------------------ nothing is lost
+@pytest.fixture
+def two_epoch_run(tmp_path, data, tiny_bert_dir):
+    """Config of a 2-epoch run that saves after every step, and its output folder."""
+    config = write_config(tmp_path / "two.yaml", data, tiny_bert_dir, epochs=2)
+    config.write_text(config.read_text().replace("save_every: 0", "save_every: 1"))
+    return config, tmp_path / "run"
+
+
+@row("Non-finite loss")
+def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, two_epoch_run):
+    from coder.losses.objective import Objective
+
+    config, out = two_epoch_run
+    forward, seen = Objective.forward, {}
+
+    def nan_in_epoch_1(self, out_, batch, epoch, *args, **kwargs):
+        loss, terms, diag = forward(self, out_, batch, epoch, *args, **kwargs)
+        if epoch == 1:
+            if not seen:  # what epoch 0 left on disk
+                seen.update({name: digest(out / name) for name in ("checkpoint_last.pth", "model_best.pth")})
+            loss = loss * float("nan")
+        return loss, terms, diag
+
+    monkeypatch.setattr(Objective, "forward", nan_in_epoch_1)
+    code, err = run_train(capsys, "--config", str(config), "--output", str(out))
+    assert code == 1
+    assert_message("Non-finite loss", err)
+    assert seen and {name: digest(out / name) for name in seen} == seen  # byte-for-byte what epoch 0 wrote
+    assert load_checkpoint(out / "checkpoint_last.pth")["epoch"] == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@row("Disk full while writing a checkpoint")
+def test_failed_save_keeps_the_previous_checkpoints(monkeypatch, two_epoch_run):
+    config, out = two_epoch_run
+    real_save, seen = torch.save, {}
+
+    def disk_fills_in_epoch_1(obj, f, *args, **kwargs):
+        # the first mid-epoch save of epoch 1 (after epoch 0 ended with both files written)
+        if isinstance(obj, dict) and obj.get("format") == "coder" and obj.get("step_in_epoch", 0) > 0 \
+                and obj["epoch"] == 1:
+            seen.update({name: digest(out / name) for name in ("checkpoint_last.pth", "model_best.pth")})
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[:1000])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_in_epoch_1)
+    with pytest.raises(OSError) as info:
+        train.main(["--config", str(config), "--output", str(out), "--no-progress"])
+    assert_message("Disk full while writing a checkpoint", f"{info.type.__name__}: {info.value}")
+    assert seen and {name: digest(out / name) for name in seen} == seen
+    last, best = load_checkpoint(out / "checkpoint_last.pth"), load_checkpoint(out / "model_best.pth")
+    assert (last["epoch"], last["step_in_epoch"], best["epoch"]) == (1, 0, 0)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
