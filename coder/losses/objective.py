@@ -61,7 +61,7 @@ class Objective(nn.Module):
             uto, parts = uto_loss(v, w, out.get("v_key"), out.get("w_key"),
                                   qv.features if qv is not None else None, qw.features if qw is not None else None,
                                   alpha=cfg["uto_alpha"], eps=cfg["uto_eps"], lambda_uto=cfg["uto_lambda"])
-            terms.update({f"uto_{k}": t for k, t in parts.items()})
+            terms.update(parts)
             return uto, terms, diag
 
         bank_v = bank_w = None  # similarities of batch anchors to the opposite modality's bank
