@@ -44,6 +44,11 @@ CODER_INSTANCE = ["method=coder", "loss.instance=dcl", "loss.instance_weight=3.0
                   "train.weight_decay=0.0", "train.text_lr_mult=1.0"]
 
 
+USER = ["method=user", "loss.instance=uto", "loss.instance_weight=1.0", "loss.uto_lambda=20.0",
+        "model.momentum.enabled=true", "model.momentum.m=0.999", "model.momentum.queue_size=200",
+        "model.user.sge=true", "model.user.cge=true", "data.clip_features=true", "data.region_dropout=0.0"]
+
+
 def test_chance_rsum_matches_random_scores():
     import numpy as np
 
@@ -54,7 +59,8 @@ def test_chance_rsum_matches_random_scores():
     assert abs(mean - chance_rsum(100)) < 5, (mean, chance_rsum(100))
 
 
-@pytest.mark.parametrize("name,overrides,factor", [("triplet", [], 5.0), ("coder_instance", CODER_INSTANCE, 2.5)])
+@pytest.mark.parametrize("name,overrides,factor", [("triplet", [], 5.0), ("coder_instance", CODER_INSTANCE, 2.5),
+                                                   ("user", USER, 5.0)])
 def test_training_learns_far_above_chance(small_data, tiny_bert_dir, tmp_path, name, overrides, factor):
     cfg = small_config(small_data, tiny_bert_dir, *overrides)
     result = Trainer(cfg, tmp_path / name, progress=False).fit()
