@@ -5,7 +5,6 @@ data with 16-d regions, a tiny random BERT, a concept vocabulary built from the 
 GloVe file). The step must log finite loss terms -- exactly the terms the config switches on -- and move
 every trainable parameter the step uses. Configs with PGC also train a step with k-means labels active.
 """
-import re
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +82,12 @@ def tiny_overrides(root: Path, vocab: Path, bert: str) -> list[str]:
             "train.max_steps_per_epoch=1", "train.epochs=1", "train.device=cpu", "eval.batch_size=20"]
 
 
-def term_name(logged: str) -> str:
-    """A logged term's name with a repeated 'uto_' prefix folded (the objective prefixes UTO's own names)."""
-    return re.sub(r"^(uto_)+", "uto_", logged)
-
-
 def record_logged_terms(trainer: Trainer) -> list[dict[str, float]]:
     """Wrap the trainer's TensorBoard logger so each step's loss terms are kept for the test."""
     logged, log_step = [], trainer._log_step
 
     def spy(loss, terms, diag, grad_norm, lr, rate):
-        logged.append({"total": loss.item(), **{term_name(k): v.item() for k, v in terms.items()}})
+        logged.append({"total": loss.item(), **{k: v.item() for k, v in terms.items()}})
         log_step(loss, terms, diag, grad_norm, lr, rate)
 
     trainer._log_step = spy
