@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from coder.checkpoint import CheckpointError, load_checkpoint
-    from coder.config import ConfigError, _merge, nest, parse_override, validate
+    from coder.config import ConfigError, merge, nest, parse_override, validate
     from coder.engine import resolve_device, run_test, write_json
     from coder.evaluation import format_table
     from coder.models.model import build_model
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             keys, value = parse_override(text)
             if keys[0] not in ("data", "eval"):
                 raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys, not '{'.'.join(keys)}'")
-            _merge(cfg, nest(keys, value))
+            merge(cfg, nest(keys, value))
         validate(cfg)
         device = resolve_device(args.device)
         bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])

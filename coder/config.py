@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
             "cge": False,
             "dropout": 0.1,
             "lambda_att": 1.0,
+            "clip_dim": 512,  # width of the precomputed CLIP embeddings CGE reads (ViT-B/32: 512)
         },
     },
     "loss": {
@@ -125,7 +126,7 @@ DEFAULTS: dict[str, Any] = {
 _ANY_WHEN_NONE = (str, int, float, type(None))
 
 
-def _merge(base: dict, override: dict, prefix: str = "") -> None:
+def merge(base: dict, override: dict, prefix: str = "") -> None:
     for key, value in override.items():
         path = f"{prefix}{key}"
         if key not in base:
@@ -134,7 +135,7 @@ def _merge(base: dict, override: dict, prefix: str = "") -> None:
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
-            _merge(default, value, prefix=f"{path}.")
+            merge(default, value, prefix=f"{path}.")
         else:
             base[key] = _check_type(path, default, value)
 
@@ -208,11 +209,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     if path is not None:
         path = Path(path)
         for layer in _read_layers(path):
-            _merge(cfg, layer)
+            merge(cfg, layer)
         cfg["name"] = path.stem
     for text in overrides:
         keys, value = parse_override(text)
-        _merge(cfg, nest(keys, value))
+        merge(cfg, nest(keys, value))
     validate(cfg)
     return cfg
 
@@ -220,7 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 def from_dict(data: dict) -> dict:
     """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated."""
     cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, data)
+    merge(cfg, data)
     validate(cfg)
     return cfg
 
@@ -258,6 +259,9 @@ def validate(cfg: dict) -> None:
         raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' (k-means runs on momentum features)")
     if cfg["model"]["user"]["cge"] and not cfg["data"]["clip_features"]:
         raise ConfigError("config key 'model.user.cge' needs 'data.clip_features: true' (CGE reads S_clip.npy)")
+    if cfg["model"]["user"]["cge"] and cfg["data"]["clip_dim"] != cfg["model"]["user"]["clip_dim"]:
+        raise ConfigError(f"config keys 'data.clip_dim' ({cfg['data']['clip_dim']}) and 'model.user.clip_dim' "
+                          f"({cfg['model']['user']['clip_dim']}) must agree")
     if cfg["model"]["user"]["sge"] and cfg["data"]["augment"] and cfg["data"]["region_dropout"] > 0:
         raise ConfigError(
             "config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)"

@@ -389,6 +389,13 @@ class Trainer:
         return float(dist.broadcast(score))
 
     def fit(self) -> dict | None:
+        try:
+            return self._fit()
+        finally:
+            if self.writer is not None:
+                self.writer.close()  # flush TensorBoard events even when training stops on an error
+
+    def _fit(self) -> dict | None:
         epochs = self.cfg["train"]["epochs"]
         bar = tqdm(range(self.epoch, epochs), desc="epochs", disable=not (self.progress and dist.is_main()))
         for epoch in bar:
@@ -408,8 +415,6 @@ class Trainer:
         bar.close()
         result = self.test() if dist.is_main() else None
         dist.barrier()
-        if self.writer is not None:
-            self.writer.close()
         return result
 
     def test(self) -> dict:

@@ -45,6 +45,8 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  batch_size: 0\n", [], "train.batch_size"),
     ("eval:\n  beta: 1.5\n", [], "eval.beta"),
     ("", ["train.lr"], "key=value"),
+    ("data:\n  clip_features: true\nmodel:\n  user:\n    cge: true\n    clip_dim: 768\n", [],
+     "model.user.clip_dim"),  # CGE's input width must match the CLIP file's
 ])
 def test_errors_name_the_key(tmp_path, text, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -28,7 +28,8 @@ class ImageEncoder(nn.Module):
                 self.sge = SelfGuidedEnhancement(cfg["region_dim"], cfg["num_regions"], user["dropout"],
                                                  user["lambda_att"])
             if user["cge"]:
-                self.cge = ClipGuidedEnhancement(512, cfg["embed_dim"], cfg["region_dim"], user["lambda_att"])
+                self.cge = ClipGuidedEnhancement(user["clip_dim"], cfg["embed_dim"], cfg["region_dim"],
+                                                 user["lambda_att"])
         self.head = ImageHead(cfg["region_dim"], cfg["embed_dim"], cfg["aggregator"])
 
     def forward(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
