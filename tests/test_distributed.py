@@ -79,14 +79,10 @@ def finish(proc: subprocess.Popen, log: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert_dir):
+def runs(tmp_path_factory, tiny_bert_dir, tiny_coder_data):
     """Output folders of the three runs, after checking that each exited with 0."""
-    from coder.concepts import ensure_demo_concepts
-    from coder.data.demo import generate_demo_data
-
     tmp = tmp_path_factory.mktemp("ddp")
-    root = generate_demo_data(tmp / "data", seed=0, train_images=16, dev_images=4, test_images=4, region_dim=16)
-    ensure_demo_concepts(root, root / "concepts.npz", num_concepts=40)
+    root = tiny_coder_data
     config = write_config(tmp / "tiny_ddp.yaml", root, tiny_bert_dir)
     dumps = tmp / "dumps"
     dumps.mkdir()

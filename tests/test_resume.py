@@ -191,14 +191,10 @@ def comparable(result: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_bert_dir):
+def runs(tmp_path_factory, tiny_bert_dir, tiny_coder_data):
     """An uninterrupted run and a run killed twice (mid-step, then during validation), resumed to the end."""
-    from coder.concepts import ensure_demo_concepts
-    from coder.data.demo import generate_demo_data
-
     tmp = tmp_path_factory.mktemp("resume")
-    root = generate_demo_data(tmp / "data", seed=0, train_images=16, dev_images=4, test_images=4, region_dim=16)
-    ensure_demo_concepts(root, root / "concepts.npz", num_concepts=40)
+    root = tiny_coder_data
     config = write_config(tmp / "tiny_resume.yaml", root, tiny_bert_dir)
     wrapper = tmp / "train_until_killed.py"
     wrapper.write_text(WRAPPER.format(repo=str(REPO)))
