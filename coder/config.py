@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "user": {  # USER's enhancement modules (SPEC §4.4)
             "sge": False,
             "cge": False,
-            "dropout": 0.1,
+            "dropout": 0.4,  # SGE dropout (USER's code)
             "lambda_att": 1.0,
             "clip_dim": 512,  # width of the precomputed CLIP embeddings CGE reads (ViT-B/32: 512)
         },
@@ -80,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
         "mu": 0.1,  # Eq. 4-5
         "gamma": 0.3,
         "eps": 0.1,  # Eq. 3
+        # DCL's positive term (Eq. 4-6, L_DCL^I, M-DCL and L_DCL^C): "paper" = mu * [neg - log(1 + S_pos)]
+        # as printed; "unscaled" = mu * neg - log(1 + S_pos), as USER's code. README: departures.
+        "dcl_positive": "paper",
         "detach_diversity": True,  # diversity is a weight, not a gradient path (our reading of Eq. 3)
         "bank_diversity": True,  # average batch and bank diversity when banks exist (§3.3, Table 3 "MB")
         "memory_weight": 1.0,  # L_M-DCL in Eq. 8 (0 disables it; banks may still feed diversity)
@@ -231,6 +234,7 @@ _CHOICES = {
     "data.dataset": ("f30k", "coco"),
     "model.aggregator": ("gpo", "mean", "max"),
     "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
+    "loss.dcl_positive": ("paper", "unscaled"),
     "train.optimizer": ("adam", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
 }

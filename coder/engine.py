@@ -23,7 +23,7 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, config_di
                          rng_state, set_rng_state)
 from .config import dump
 from .evaluation import evaluate_model, format_table
-from .losses.objective import Objective
+from .losses.objective import Bank, Objective
 from .models.model import build_model
 from .models.text import load_text_backbone
 
@@ -104,8 +104,11 @@ class TrainStep(nn.Module):
         out = self.model(batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
                          batch.get("clip"))
         momentum = self.model.momentum
-        queues = (momentum.queue_v, momentum.queue_w) if momentum is not None else None
-        loss, terms, diag = self.objective(out, batch, epoch, queues, labels)
+        bank = None
+        if momentum is not None:  # plain tensors: the loss never touches the queues themselves
+            bank = Bank(momentum.queue_v.features, momentum.queue_w.features, momentum.queue_v.ids,
+                        momentum.queue_w.ids)
+        loss, terms, diag = self.objective(out, batch, epoch, bank, labels)
         return loss, terms, diag, out
 
 

@@ -75,7 +75,9 @@ def test_uto_loss_combines_batch_and_queue_terms():
     total, terms = uto_loss(v, w, v_key, w_key, queue_v, queue_w, lambda_uto=lam)
 
     sims = v @ w.t()
-    batch = slow_uto_term(sims) + slow_uto_term(sims.t())
+    # USER's batch term: both directions' negatives, one -log(1 + relu(S_ii)) per pair
+    batch = slow_uto_term(sims) + slow_uto_term(sims.t()) + \
+        sum(math.log1p(max(float(sims[i, i]), 0.0)) for i in range(b)) / b
     queue = (slow_uto_term(v @ queue_w.t(), (v * w_key).sum(-1))
              + slow_uto_term(w @ queue_v.t(), (w * v_key).sum(-1)))
     assert terms["uto_batch"].item() == pytest.approx(batch, rel=1e-10)

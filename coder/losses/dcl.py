@@ -15,6 +15,7 @@ __all__ = ["diversity", "dcl", "dcl_bidirectional"]
 
 _VAR_FLOOR = 1e-12  # SD >= 1e-6: identical embeddings give div = 1, not a NaN
 _POS_FLOOR = 1e-6  # 1 + S_pos >= 1e-6: log stays finite at S_pos = -1
+POSITIVE_FORMS = ("paper", "unscaled")  # how the outer mu treats log(1 + S_pos); see `dcl`
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -90,11 +91,14 @@ def dcl(
     gamma: float = 0.3,
     div: Tensor | None = None,
     neg_mask: Tensor | None = None,
+    positive: str = "paper",
 ) -> Tensor:
     """One direction of the (diversity-sensitive) contrastive loss, averaged over anchors.
 
     mu * [log(1 + sum_neg exp((S_nq - gamma) / (mu * div_n))) - log(1 + S_pos)]:
     Eq. 4 (DCL-I) when `div` is None, Eq. 5 (DCL) otherwise, Eq. 6 (M-DCL) with `pos_sims`.
+    With positive="unscaled" the outer mu multiplies the negative term only:
+    mu * log(1 + sum_neg exp(...)) - log(1 + S_pos) (the form of USER's public code; see README).
 
     Args:
         sims: (N, Q) similarities, rows are anchors. Without `pos_sims` it must be square: the
@@ -107,6 +111,8 @@ def dcl(
             paper's weighting-only behaviour (gradients flow through div otherwise).
         neg_mask: (N, Q) bool, True excludes that entry from the negatives (e.g. queue entries of the
             anchor's own image: false-negative masking ablation).
+        positive: "paper" (Eq. 4-6 as printed: mu scales both terms) or "unscaled" (mu scales the
+            negative term only, so a positive pair is pulled with gradient 1 / (1 + S_pos)).
 
     Returns:
         Scalar loss in the compute dtype (float32 for half/bfloat16 inputs).
@@ -117,6 +123,8 @@ def dcl(
     _check_vector(div, "div", sims.shape[0])
     if mu <= 0:
         raise ValueError(f"mu must be positive, got {mu}")
+    if positive not in POSITIVE_FORMS:
+        raise ValueError(f"positive must be one of {POSITIVE_FORMS}, got {positive!r}")
     dtype = _compute_dtype(sims)
     s = sims.to(dtype)
     if pos_sims is None:
@@ -133,6 +141,8 @@ def dcl(
     zero = logits.new_zeros(logits.shape[0], 1)
     negative_term = torch.cat([zero, logits], dim=1).logsumexp(dim=1)
     positive_term = torch.log((1.0 + positive).clamp_min(_POS_FLOOR))
+    if positive == "unscaled":
+        return (mu * negative_term - positive_term).mean()  # departure: positive term without mu
     return mu * (negative_term - positive_term).mean()  # Eq. 4/5, mean over anchors
 
 

@@ -2,8 +2,9 @@
 
 One direction, anchors n with positive S_n+ and negatives S_nq:
     l_n = log(1 + sum_q exp(alpha (S_nq - eps))) / alpha - log(1 + relu(S_n+))
-The batch term uses in-batch negatives in both directions; the queue term uses the paired momentum key
-as positive and the memory-bank entries as negatives; total = lambda_uto * batch + queue.
+The batch term uses in-batch negatives in both directions and counts each pair's positive once (USER's
+`lib/loss.py`: one -log(1 + relu(S_ii)) per pair); the queue term uses the paired momentum key as positive
+and the memory-bank entries as negatives, one positive per direction; total = lambda_uto * batch + queue.
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch
 from torch import Tensor
 
 
-def uto_term(sims: Tensor, pos_sims: Tensor | None = None, alpha: float = 90.0, eps: float = 0.5) -> Tensor:
+def uto_term(sims: Tensor, pos_sims: Tensor | None = None, alpha: float = 90.0, eps: float = 0.5,
+             with_positive: bool = True) -> Tensor:
     """UTO for one direction, averaged over anchors (rows of `sims`).
+
+    with_positive=False leaves out -log(1 + relu(S_pos)) (the batch term's second direction).
 
     sims (N, Q): anchor-candidate similarities. With `pos_sims` None, `sims` is square, the diagonal
     holds the positives and the off-diagonal entries are the negatives; with `pos_sims` (N,) given,
@@ -37,8 +41,9 @@ def uto_term(sims: Tensor, pos_sims: Tensor | None = None, alpha: float = 90.0, 
     # log(1 + sum exp(x)) as a log-sum-exp with a zero logit: stable and finite for any S in [-1, 1]
     zero = logits.new_zeros(n, 1)
     negative = torch.logsumexp(torch.cat([zero, logits], dim=1), dim=1) / alpha
-    positive = torch.log1p(torch.relu(pos))
-    return (negative - positive).mean()
+    if not with_positive:
+        return negative.mean()
+    return (negative - torch.log1p(torch.relu(pos))).mean()
 
 
 def uto_loss(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | None = None,
@@ -55,7 +60,7 @@ def uto_loss(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | 
         raise ValueError(f"uto_loss: v and w must both be (B, F), got {tuple(v.shape)} and {tuple(w.shape)}")
     sims = v @ w.t()
     batch_i2t = uto_term(sims, alpha=alpha, eps=eps)
-    batch_t2i = uto_term(sims.t(), alpha=alpha, eps=eps)
+    batch_t2i = uto_term(sims.t(), alpha=alpha, eps=eps, with_positive=False)  # the pair's positive counted once
     batch = batch_i2t + batch_t2i
     terms = {"uto_batch_i2t": batch_i2t, "uto_batch_t2i": batch_t2i, "uto_batch": batch}
     total = lambda_uto * batch

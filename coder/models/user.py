@@ -41,7 +41,7 @@ class SelfGuidedEnhancement(nn.Module):
     is why the region count L is fixed); the global branch with BatchNorm over the feature channels.
     """
 
-    def __init__(self, region_dim: int = 2048, num_regions: int = 36, dropout: float = 0.1,
+    def __init__(self, region_dim: int = 2048, num_regions: int = 36, dropout: float = 0.4,
                  lambda_att: float = 1.0) -> None:
         super().__init__()
         self.region_dim = region_dim
@@ -54,6 +54,9 @@ class SelfGuidedEnhancement(nn.Module):
         self.global_bn = nn.BatchNorm1d(region_dim)
         self.dropout = nn.Dropout(dropout)
         self.attention_logit = nn.Linear(region_dim, 1)
+        for linear in (self.local_linear, self.global_linear, self.attention_logit):
+            nn.init.xavier_uniform_(linear.weight)  # as USER's SGE: Xavier weights, zero bias
+            nn.init.zeros_(linear.bias)
 
     def _check(self, regions: Tensor, lengths: Tensor | None) -> None:
         _check_regions(regions, self.region_dim, "SelfGuidedEnhancement")
