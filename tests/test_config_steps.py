@@ -38,6 +38,41 @@ EXPECTED = {
 }
 
 
+# Which instance loss each row runs (Table 2 #1 and the VSE baselines: triplet; Table 3's "IE" rows: the
+# implicit DCL of Eq. 4; USER: UTO; everything else Eq. 5), checked on the functions the step really calls.
+INSTANCE_LOSS = {"f30k_vse": "triplet", "coco_vse": "triplet", "table2_row1_btr": "triplet",
+                 "table3_row1_ie": "dcl_implicit", "table3_row4_ie_mdcl": "dcl_implicit",
+                 "f30k_user": "uto", "coco_user": "uto", "demo_user": "uto"}
+
+
+def spy_losses(monkeypatch) -> list[str]:
+    """Record the loss functions the objective calls, in order ('dcl' with a diversity, 'dcl_implicit'
+    without one)."""
+    import coder.losses.objective as objective
+
+    calls: list[str] = []
+
+    def wrap(name, fn):
+        def spy(*args, **kwargs):
+            calls.append("dcl_implicit" if name == "dcl" and kwargs.get("div") is None else name)
+            return fn(*args, **kwargs)
+        return spy
+
+    for name in ("dcl", "triplet", "infonce", "uto_loss"):
+        monkeypatch.setattr(objective, name, wrap(name, getattr(objective, name)))
+    return calls
+
+
+def check_instance_loss(calls: list[str], expected: str, where: str) -> None:
+    first = {"uto": "uto_loss"}.get(expected, expected)
+    assert calls, f"{where}: no loss function was called"
+    assert calls[0] == first, f"{where}: instance loss is {calls[0]}, expected {first} (calls: {calls})"
+    if expected in ("dcl", "dcl_implicit"):  # both directions of the instance term
+        assert calls[1] == expected, f"{where}: second direction is {calls[1]}, expected {expected}"
+    if expected in ("triplet", "uto"):
+        assert not any(c.startswith("dcl") for c in calls), f"{where}: DCL called in a {expected} row: {calls}"
+
+
 def expected_terms(cfg: dict) -> set[str]:
     """The terms a config's switches imply (fallback for configs not in EXPECTED)."""
     loss, model = cfg["loss"], cfg["model"]
@@ -113,11 +148,12 @@ def check_step(logged: list[dict[str, float]], expected: set[str], where: str) -
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
-def test_config_trains_one_step(path, tiny_data, tiny_bert_dir, tmp_path):
+def test_config_trains_one_step(path, tiny_data, tiny_bert_dir, tmp_path, monkeypatch):
     root, vocab = tiny_data
     cfg = load_config(path, tiny_overrides(root, vocab, tiny_bert_dir))
     expected = EXPECTED.get(path.stem, expected_terms(cfg))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    calls = spy_losses(monkeypatch)
     try:
         has_pgc = trainer.objective.prototypes is not None
         assert has_pgc == ("pgc" in expected), f"{path}: PGC classifier P^C present = {has_pgc}"
@@ -125,6 +161,7 @@ def test_config_trains_one_step(path, tiny_data, tiny_bert_dir, tmp_path):
         before = trainable(trainer)
         trainer.train_epoch(0)
         check_step(logged, expected - {"pgc"}, f"{path} epoch 0")
+        check_instance_loss(calls, INSTANCE_LOSS.get(path.stem, "dcl"), str(path))
         # P^C gets no gradient before k-means labels exist; everything else the step uses must move
         idle = {n for n in unchanged(trainer, before) if ".prototypes." not in f".{n}"}
         assert not idle, f"{path}: parameters not updated by the step: {sorted(idle)[:8]}"

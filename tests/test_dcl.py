@@ -48,13 +48,15 @@ def ref_diversity(sims, excluded=None, eps=EPS, normalize=True, square=True):
     return torch.tensor(divs, dtype=torch.float64)
 
 
-def ref_dcl(sims, pos_sims=None, mu=MU, gamma=GAMMA, div=None, neg_mask=None):
+def ref_dcl(sims, pos_sims=None, mu=MU, gamma=GAMMA, div=None, neg_mask=None, positive="paper"):
+    """Eq. 4-6 by loops; positive="unscaled" keeps mu off log(1 + S_pos)."""
     total = 0.0
     for n in range(sims.shape[0]):
         temp = mu * (1.0 if div is None else float(div[n]))
         negs = negatives_of(sims, n, pos_sims is None, neg_mask)
         pos = float(sims[n, n]) if pos_sims is None else float(pos_sims[n])
-        total += mu * (math.log(sum(math.exp((s - gamma) / temp) for s in negs) + 1) - math.log(pos + 1))
+        pull = math.log(pos + 1) if positive == "unscaled" else mu * math.log(pos + 1)
+        total += mu * math.log(sum(math.exp((s - gamma) / temp) for s in negs) + 1) - pull
     return total / sims.shape[0]
 
 
@@ -118,6 +120,21 @@ def test_dcl_explicit_eq5_square():
     both = dcl_bidirectional(sims, div_rows=div, div_cols=diversity(sims.t()))
     expected = ref_dcl(sims, div=ref_diversity(sims)) + ref_dcl(sims.t(), div=ref_diversity(sims.t()))
     assert math.isclose(float(both), expected, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("positive", ["paper", "unscaled"])
+def test_dcl_positive_forms_match_loops(positive):
+    sims, bank, pos = random_sims(8, 8, 31), random_sims(6, 15, 32), random_sims(1, 6, 33)[0]
+    div = diversity(sims)
+    got = dcl(sims, div=div, positive=positive)
+    assert math.isclose(float(got), ref_dcl(sims, div=ref_diversity(sims), positive=positive), rel_tol=1e-10)
+    got = dcl(bank, pos_sims=pos, positive=positive)
+    assert math.isclose(float(got), ref_dcl(bank, pos_sims=pos, positive=positive), rel_tol=1e-10)
+    # the two forms differ by exactly (1 - mu) * mean log(1 + S_pos)
+    gap = float(dcl(sims, positive="paper") - dcl(sims, positive="unscaled"))
+    assert math.isclose(gap, (1 - MU) * float(torch.log1p(sims.diagonal()).mean()), rel_tol=1e-10)
+    with pytest.raises(ValueError, match="positive must be one of"):
+        dcl(sims, positive="scaled")
 
 
 def test_mdcl_eq6_bank_form():

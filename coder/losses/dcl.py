@@ -128,10 +128,10 @@ def dcl(
     dtype = _compute_dtype(sims)
     s = sims.to(dtype)
     if pos_sims is None:
-        positive = s.diagonal()
+        pos = s.diagonal()
         excluded = _diagonal_mask(s) if neg_mask is None else neg_mask | _diagonal_mask(s)
     else:
-        positive = pos_sims.to(dtype)
+        pos = pos_sims.to(dtype)
         excluded = neg_mask
     temperature = mu if div is None else mu * div.to(dtype)[:, None]  # Eq. 4 / Eq. 5
     logits = (s - gamma) / temperature
@@ -140,7 +140,7 @@ def dcl(
     # log(1 + sum exp(x)) = logsumexp over [0, x...]: stable, and finite even with no negatives
     zero = logits.new_zeros(logits.shape[0], 1)
     negative_term = torch.cat([zero, logits], dim=1).logsumexp(dim=1)
-    positive_term = torch.log((1.0 + positive).clamp_min(_POS_FLOOR))
+    positive_term = torch.log((1.0 + pos).clamp_min(_POS_FLOOR))
     if positive == "unscaled":
         return (mu * negative_term - positive_term).mean()  # departure: positive term without mu
     return mu * (negative_term - positive_term).mean()  # Eq. 4/5, mean over anchors
