@@ -14,6 +14,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="model_best.pth or checkpoint_last.pth")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.test_split)")
     parser.add_argument("--fold5", action="store_true", help="COCO protocol: 5-fold 1K averaged, plus 5K")
+    parser.add_argument("--eccv", action="store_true",
+                        help="COCO testall only: also ECCV Caption mAP@R / R-Precision / R@1 and CxC recalls")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a data/eval key, e.g. --set data.root=/data/f30k_precomp")
     parser.add_argument("--output", help="where to write eval_<split>.json (default: the checkpoint's folder)")
@@ -26,8 +28,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from coder.checkpoint import CheckpointError, load_checkpoint
     from coder.config import ConfigError, merge, nest, parse_override, validate
-    from coder.engine import resolve_device, run_test, write_json
-    from coder.evaluation import format_table
+    from coder.engine import resolve_device
+    from coder.eccv import format_eccv
+    from coder.evaluation import evaluate_split, format_table, write_json
     from coder.models.model import build_model
     from coder.models.text import load_text_backbone
 
@@ -45,12 +48,14 @@ def main(argv=None) -> int:
         model = build_model(cfg, bert).to(device)
         model.load_state_dict(ckpt["model"])
         split = args.split or cfg["data"]["test_split"]
-        result = run_test(model, cfg, tokenizer, split, device, progress=not args.no_progress,
-                          fold5=True if args.fold5 else None)
+        result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,
+                                fold5=True if args.fold5 else None, eccv=args.eccv)
         out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / f"eval_{split}.json", result)
         print(f"{args.checkpoint}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
+        if "eccv" in result:
+            print(format_eccv(result["eccv"]))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

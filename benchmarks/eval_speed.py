@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coder.config import load_config  # noqa: E402
 from coder.data.demo import generate_demo_data  # noqa: E402
-from coder.engine import eval_datasets  # noqa: E402
+from coder.evaluation import split_datasets  # noqa: E402
 from coder.evaluation import evaluate_model  # noqa: E402
 from coder.models.model import ITRModel  # noqa: E402
 from coder.models.text import load_text_backbone  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             concepts = random_concepts()
         torch.manual_seed(0)
         model = ITRModel(cfg["model"], bert, concepts).to(device).eval()
-        images, captions = eval_datasets(cfg, tokenizer, "test")
+        images, captions = split_datasets(cfg, tokenizer, "test")
         evaluate_model(model, images, captions, device, batch_size=args.batch, progress=False)  # warm-up
         t0 = time.perf_counter()
         result = evaluate_model(model, images, captions, device, beta=cfg["eval"]["beta"], batch_size=args.batch,

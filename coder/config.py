@@ -123,6 +123,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "chunk_size": 1000,  # images per similarity chunk: bounds memory of 5K x 25K
         "fold5": True,  # COCO testall: report 5-fold 1K (averaged) and 5K
+        "amp": False,  # encode for evaluation under bf16 autocast on CUDA (ranking is always float32)
     },
 }
 

@@ -6,7 +6,6 @@ best model on the test split into `eval_<split>.json`.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from . import distributed as dist
 from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, config_differences, load_checkpoint,
                          rng_state, set_rng_state)
 from .config import dump
-from .evaluation import evaluate_model, format_table
+from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
 from .models.model import build_model
 from .models.text import load_text_backbone
@@ -63,17 +62,6 @@ def prepare_data(cfg: dict) -> None:
             from .concepts import ensure_demo_concepts
 
             ensure_demo_concepts(data["root"], cfg["model"]["concept"]["vocab"])
-
-
-def eval_datasets(cfg: dict, tokenizer, split: str, max_captions=None):
-    from .data import PrecompCaptions, PrecompImages
-
-    data = cfg["data"]
-    images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],
-                           max_captions=max_captions, load_clip=data["clip_features"], clip_dim=data["clip_dim"])
-    captions = PrecompCaptions(data["root"], split, tokenizer, max_words=data["max_words"],
-                               captions_per_image=data["captions_per_image"], max_captions=max_captions)
-    return images, captions
 
 
 class ResumeSampler(Sampler):
@@ -196,7 +184,6 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
                                        collate_fn=collate, num_workers=data["num_workers"], pin_memory=cuda,
                                        persistent_workers=False, generator=self.loader_generator)
-        self.val_sets = eval_datasets(cfg, self.tokenizer, data["val_split"], data["val_max_captions"])
 
     @property
     def unwrapped(self) -> TrainStep:
@@ -381,9 +368,8 @@ class Trainer:
         """Dev R@sum of the fused score (model selection, §4.2); computed on rank 0 and broadcast."""
         score = torch.zeros((), dtype=torch.float64, device=self.device)
         if dist.is_main():
-            result = evaluate_model(self.model, *self.val_sets, self.device, beta=self.cfg["eval"]["beta"],
-                                    batch_size=self.cfg["eval"]["batch_size"],
-                                    chunk_size=self.cfg["eval"]["chunk_size"], progress=self.progress)
+            result = evaluate_split(self.model, self.cfg, self.tokenizer, self.cfg["data"]["val_split"],
+                                    self.device, progress=self.progress, branches=False)
             score.fill_(result["rsum"])
             for d in ("i2t", "t2i"):
                 for m in ("r1", "r5", "r10"):
@@ -425,28 +411,9 @@ class Trainer:
         best = load_checkpoint(self.out_dir / "model_best.pth", map_location=self.device)
         self.model.load_state_dict(best["model"])
         split = self.cfg["data"]["test_split"]
-        result = run_test(self.model, self.cfg, self.tokenizer, split, self.device, self.progress)
+        result = evaluate_split(self.model, self.cfg, self.tokenizer, split, self.device, self.progress)
         result["best_epoch"], result["best_dev_rsum"] = self.best_epoch, self.best_rsum
         write_json(self.out_dir / f"eval_{split}.json", result)
         print(f"\n{self.cfg['name']}: {split} ({self.cfg['data']['dataset']}), best epoch {self.best_epoch}\n"
               + format_table(result))
         return result
-
-
-def run_test(model, cfg: dict, tokenizer, split: str, device, progress: bool = True, fold5: bool | None = None) -> dict:
-    """The dataset's protocol on a split: COCO testall gets 5-fold 1K (averaged) and 5K; otherwise all."""
-    images, captions = eval_datasets(cfg, tokenizer, split)
-    if fold5 is None:
-        fold5 = cfg["data"]["dataset"] == "coco" and cfg["eval"]["fold5"] and len(images) >= 5000
-    result = evaluate_model(model, images, captions, device, beta=cfg["eval"]["beta"], fold5=fold5,
-                            captions_per_image=cfg["data"]["captions_per_image"],
-                            batch_size=cfg["eval"]["batch_size"], chunk_size=cfg["eval"]["chunk_size"],
-                            progress=progress, branches=True)
-    result["split"], result["dataset"] = split, cfg["data"]["dataset"]
-    return result
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

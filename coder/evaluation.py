@@ -1,12 +1,18 @@
-"""Retrieval evaluation (CODER §3.5, §4.1; SPEC §7): encode once, rank in chunks, R@K / medr / meanr / R@sum.
+"""Retrieval evaluation (CODER §3.5, §4.1): encode once, rank in chunks, R@K / medr / meanr / R@sum.
 
 Usable on its own: `compute_recalls(sims)` takes any (n_images, 5 * n_images) similarity matrix;
 `evaluate_model(...)` encodes a split with a model and applies the dataset's protocol (F30K 1K test;
 COCO testall 5-fold 1K averaged, and 5K).
+
+Ties count against the model: a rank counts every other candidate scored >= the positive, so a collapsed
+model (all scores equal) gets R@sum 0, never 600. Non-finite scores are an error, never a result. Ranking
+runs in float32 at least, whatever precision the encoders used.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,6 +22,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 RECALL_KS = (1, 5, 10)
+
+
+class NonFiniteScoresError(ValueError):
+    """Embeddings or similarities hold NaN/inf: a diverged model has no recall to report."""
 
 
 def _metrics(ranks: Tensor) -> dict[str, float]:
@@ -30,9 +40,10 @@ def ranks_from_chunks(chunks: Iterable[tuple[int, Tensor]], positives: Tensor, n
                       captions_per_image: int = 5) -> tuple[Tensor, Tensor]:
     """0-based ranks from row chunks (first image index, sims of those images to all captions).
 
-    i2t rank of an image = number of other images' captions scored above its best caption;
-    t2i rank of a caption = number of other images scored above its own image (`positives[j]`).
-    Only one chunk is ever held, so memory is bounded by the chunk size.
+    i2t rank of an image = number of other images' captions scored >= its best caption;
+    t2i rank of a caption = number of other images scored >= its own image (`positives[j]`).
+    Ties count against the model (pessimistic). Only one chunk is ever held, so memory is bounded by the
+    chunk size. Scores must be finite (see `check_finite`).
     """
     n_captions = n_images * captions_per_image
     i2t = torch.empty(n_images, dtype=torch.long)
@@ -43,8 +54,8 @@ def ranks_from_chunks(chunks: Iterable[tuple[int, Tensor]], positives: Tensor, n
         images = torch.arange(start, start + rows.size(0))
         own = caption_image[None, :] == images[:, None]  # (chunk, n_captions): the image's own captions
         best_own = rows.masked_fill(~own, float("-inf")).amax(dim=1)
-        i2t[images] = ((rows > best_own[:, None]) & ~own).sum(dim=1)
-        t2i += ((rows > positives.float()[None, :]) & ~own).sum(dim=0)
+        i2t[images] = ((rows >= best_own[:, None]) & ~own).sum(dim=1)
+        t2i += ((rows >= positives.float()[None, :]) & ~own).sum(dim=0)
     return i2t, t2i
 
 
@@ -53,16 +64,66 @@ def _as_tensor(sims) -> Tensor:
 
 
 def compute_recalls(sims, captions_per_image: int = 5, chunk_size: int = 1000) -> dict:
-    """R@1/5/10, medr, meanr for i2t and t2i, and rsum, from (n_images, n_images * 5) similarities."""
+    """R@1/5/10, medr, meanr for i2t and t2i, and rsum, from (n_images, n_images * 5) similarities.
+
+    Caption j belongs to image j // captions_per_image. Ties count against the model: a rank counts every
+    other candidate scored >= the positive (i2t: >= the best of the image's own captions), so a constant
+    matrix scores R@sum 0. A NaN or inf anywhere raises `NonFiniteScoresError`. Ranked in float32 at least.
+    """
     sims = _as_tensor(sims)
     n_images = sims.size(0)
     if sims.dim() != 2 or sims.size(1) != n_images * captions_per_image:
         raise ValueError(f"sims must be (n_images, {captions_per_image} * n_images), got {tuple(sims.shape)}")
+    if not sims.is_floating_point() or sims.dtype in (torch.float16, torch.bfloat16):
+        sims = sims.float()
+    bad = int((~torch.isfinite(sims)).sum())
+    if bad:
+        raise NonFiniteScoresError(f"similarity matrix holds {bad} non-finite (NaN or inf) scores of "
+                                   f"{sims.numel()}: the model has diverged; there is no recall to report")
     captions = torch.arange(sims.size(1))
     positives = sims[captions // captions_per_image, captions]
     chunks = ((s, sims[s:s + chunk_size]) for s in range(0, n_images, chunk_size))
     i2t, t2i = ranks_from_chunks(chunks, positives, n_images, captions_per_image)
-    return recalls_from_ranks(i2t, t2i)
+    result = recalls_from_ranks(i2t, t2i)
+    result["chance_rsum"] = chance_rsum(n_images, captions_per_image)
+    return result
+
+
+def check_finite(emb: dict[str, Tensor]) -> None:
+    """Raise `NonFiniteScoresError` naming how many image and caption embeddings hold NaN/inf."""
+    counts = {}
+    for side, keys in (("image", ("v_i", "v_c")), ("caption", ("w_i", "w_c"))):
+        rows = [emb[k] for k in keys if k in emb]
+        bad = torch.zeros(rows[0].size(0), dtype=torch.bool)
+        for r in rows:
+            bad |= ~torch.isfinite(r).all(dim=-1)
+        counts[side] = (int(bad.sum()), bad.numel())
+    if counts["image"][0] or counts["caption"][0]:
+        (bi, ni), (bc, nc) = counts["image"], counts["caption"]
+        raise NonFiniteScoresError(f"{bi} of {ni} image embeddings and {bc} of {nc} caption embeddings are "
+                                   "non-finite (NaN or inf): the model has diverged; there is no recall to report")
+
+
+def duplicate_captions(captions: list[str], captions_per_image: int = 5) -> int:
+    """How many captions are verbatim equal to a caption of another image (they tie with the positive)."""
+    images_of: dict[str, set[int]] = {}
+    for j, text in enumerate(captions):
+        images_of.setdefault(text.strip(), set()).add(j // captions_per_image)
+    return sum(len(images_of[text.strip()]) > 1 for text in captions)
+
+
+def chance_rsum(n_images: int, captions_per_image: int = 5) -> float:
+    """Expected R@sum of random scores (no ties): t2i R@K = K / n; i2t R@K = P(one of the image's own
+    captions is among the top K of all n * captions_per_image) = 1 - C(N - c, K) / C(N, K)."""
+    n_captions = n_images * captions_per_image
+    total = 0.0
+    for k in RECALL_KS:
+        k = min(k, n_images)
+        miss = 1.0
+        for j in range(min(k, n_captions)):  # C(N - c, K) / C(N, K) as a product
+            miss *= max(n_captions - captions_per_image - j, 0) / (n_captions - j)
+        total += 100.0 * (1.0 - miss) + 100.0 * k / n_images
+    return total
 
 
 def recalls_from_ranks(i2t: Tensor, t2i: Tensor) -> dict:
@@ -89,17 +150,18 @@ def _loader(dataset, batch_size: int, num_workers: int = 0, order=None) -> DataL
 
 @torch.no_grad()
 def encode_split(model, images_ds, captions_ds, device, batch_size: int = 256, num_workers: int = 0,
-                 progress: bool = True) -> dict[str, Tensor]:
-    """Embeddings of every image (once) and every caption, in dataset order, on the CPU.
+                 progress: bool = True, amp: bool = False) -> dict[str, Tensor]:
+    """Embeddings of every image (once) and every caption, in dataset order, on the CPU, in float32.
 
     Captions are batched in order of length so padding is minimal; the output is put back in order.
+    `amp` encodes under bf16 autocast on CUDA (faster; ranks may then tie more often): off by default.
     """
     model.eval()
     out: dict[str, list] = {}
     for batch in tqdm(_loader(images_ds, batch_size, num_workers), desc="encode images", leave=False,
                       disable=not progress):
         clip = batch["clip"].to(device, non_blocking=True) if "clip" in batch else None
-        with _autocast(device):
+        with _autocast(device, amp):
             emb = model.encode_image(batch["regions"].to(device, non_blocking=True),
                                      batch["region_lengths"].to(device), clip)
         for key, value in emb.items():
@@ -108,7 +170,7 @@ def encode_split(model, images_ds, captions_ds, device, batch_size: int = 256, n
     order = np.argsort([len(c.split()) for c in words], kind="stable").tolist() if words else None
     for batch in tqdm(_loader(captions_ds, batch_size, num_workers, order), desc="encode captions",
                       leave=False, disable=not progress):
-        with _autocast(device):
+        with _autocast(device, amp):
             emb = model.encode_text(batch["input_ids"].to(device, non_blocking=True),
                                     batch["text_lengths"].to(device))
         for key, value in emb.items():
@@ -123,9 +185,9 @@ def encode_split(model, images_ds, captions_ds, device, batch_size: int = 256, n
     return result
 
 
-def _autocast(device):
+def _autocast(device, amp: bool):
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- ranking
@@ -161,7 +223,9 @@ def rank_block(emb: dict[str, Tensor], beta: float, first_image: int, n_images: 
     positives = fused_positives(emb, beta, captions, first_image, captions_per_image)
     i2t, t2i = ranks_from_chunks(fused_chunks(emb, beta, images, captions, chunk_size), positives, n_images,
                                  captions_per_image)
-    return recalls_from_ranks(i2t, t2i)
+    result = recalls_from_ranks(i2t, t2i)
+    result["chance_rsum"] = chance_rsum(n_images, captions_per_image)
+    return result
 
 
 def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_image: int = 5,
@@ -176,6 +240,7 @@ def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_
     fold_size = n_images // 5
     folds = [rank_block(emb, beta, f * fold_size, fold_size, captions_per_image, chunk_size) for f in range(5)]
     result = average_recalls(folds)
+    result["chance_rsum"] = folds[0]["chance_rsum"]
     result["folds"] = folds
     result["5k"] = full
     return result
@@ -183,17 +248,24 @@ def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_
 
 def evaluate_model(model, images_ds, captions_ds, device, *, beta: float = 0.9, fold5: bool = False,
                    captions_per_image: int = 5, batch_size: int = 256, chunk_size: int = 1000,
-                   num_workers: int = 0, progress: bool = True, branches: bool = False) -> dict:
+                   num_workers: int = 0, progress: bool = True, branches: bool = False, amp: bool = False,
+                   eccv: bool = False) -> dict:
     """Encode a split and rank it. With `branches`, concept models also get instance-only and
-    concept-only rows (keys `instance`, `concept`)."""
+    concept-only rows (keys `instance`, `concept`); with `eccv` (COCO testall only), ECCV Caption and CxC
+    metrics (key `eccv`). Non-finite embeddings raise `NonFiniteScoresError`."""
     t0 = time.perf_counter()
-    emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress)
+    emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress, amp)
+    check_finite(emb)
     t1 = time.perf_counter()
     result = evaluate_embeddings(emb, beta, captions_per_image, fold5, chunk_size)
     t2 = time.perf_counter()
     if branches and "v_c" in emb:
         result["instance"] = evaluate_embeddings(emb, 1.0, captions_per_image, fold5, chunk_size)
         result["concept"] = evaluate_embeddings(emb, 0.0, captions_per_image, fold5, chunk_size)
+    if eccv:
+        from .eccv import eccv_metrics  # imported here: coder.eccv imports this module
+
+        result["eccv"] = eccv_metrics(emb, beta, captions_per_image, chunk_size)
     n_pairs = emb["v_i"].size(0) * emb["w_i"].size(0)
     result["timing"] = {"encode_s": t1 - t0, "rank_s": t2 - t1, "kpps": n_pairs / max(t2 - t1, 1e-9) / 1e3}
     return result
@@ -219,4 +291,53 @@ def format_table(result: dict) -> str:
     for branch in ("instance", "concept"):
         if branch in result:
             lines.append(format_row(result[branch], branch + "-only"))
+    if "chance_rsum" in result:
+        chance = f"chance R@sum {result['chance_rsum']:.1f}"
+        if "5k" in result:
+            chance += f" (5K: {result['5k']['chance_rsum']:.1f})"
+        lines.append(chance + "; ties count against the model")
+    if "duplicate_captions" in result:
+        lines.append(f"{result['duplicate_captions']} captions are verbatim equal to another image's caption")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def split_datasets(cfg: dict, tokenizer, split: str):
+    """(images, captions) datasets of a split; the validation split is capped to `data.val_max_captions`."""
+    from .data import PrecompCaptions, PrecompImages
+
+    data = cfg["data"]
+    cap = data["val_max_captions"] if split == data["val_split"] else None
+    images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],
+                           max_captions=cap, load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+    captions = PrecompCaptions(data["root"], split, tokenizer, max_words=data["max_words"],
+                               captions_per_image=data["captions_per_image"], max_captions=cap)
+    return images, captions
+
+
+def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bool = True,
+                   fold5: bool | None = None, branches: bool = True, eccv: bool = False) -> dict:
+    """The dataset's protocol on a split, as in training's dev evaluation and at test time: COCO testall gets
+    5-fold 1K (averaged) and 5K; otherwise all images. The same call serves `train.py` and `evaluate.py`, so
+    both report the same numbers for the same checkpoint."""
+    images, captions = split_datasets(cfg, tokenizer, split)
+    ecfg = cfg["eval"]
+    if fold5 is None:
+        fold5 = cfg["data"]["dataset"] == "coco" and ecfg["fold5"] and len(images) >= 5000
+    result = evaluate_model(model, images, captions, device, beta=ecfg["beta"], fold5=fold5,
+                            captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
+                            chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],
+                            eccv=eccv)
+    result["split"], result["dataset"] = split, cfg["data"]["dataset"]
+    texts = getattr(getattr(captions, "files", None), "captions", None)
+    if texts is not None:
+        result["duplicate_captions"] = duplicate_captions(list(texts), cfg["data"]["captions_per_image"])
+    return result
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomic write: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

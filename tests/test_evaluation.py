@@ -1,24 +1,29 @@
-"""compute_recalls and the evaluation protocol against a slow, direct re-derivation of SPEC §7."""
+"""compute_recalls and the evaluation protocol against a slow, direct re-derivation (CODER §4.1 protocol,
+with ties counted against the model)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from coder.evaluation import (compute_recalls, evaluate_embeddings, format_table, rank_block,
+from coder.evaluation import (NonFiniteScoresError, chance_rsum, check_finite, compute_recalls,
+                              duplicate_captions, evaluate_embeddings, format_table, rank_block,
                               recalls_from_ranks)
 
 
 def slow_recalls(sims: np.ndarray, cpi: int = 5) -> dict:
-    """Loops over queries; ranks from a full argsort, exactly as SPEC §7 words it."""
-    n_img = sims.shape[0]
+    """Loops over queries in float64. Pessimistic ties: a rank counts every other candidate scored >= the
+    positive (i2t: >= the image's best own caption)."""
+    sims = np.asarray(sims, dtype=np.float64)
+    n_img, n_cap = sims.shape
     i2t_ranks, t2i_ranks = [], []
     for i in range(n_img):
-        order = list(np.argsort(-sims[i], kind="stable"))
-        i2t_ranks.append(min(order.index(j) for j in range(cpi * i, cpi * i + cpi)))
-    for j in range(sims.shape[1]):
-        order = list(np.argsort(-sims[:, j], kind="stable"))
-        t2i_ranks.append(order.index(j // cpi))
+        own = range(cpi * i, cpi * i + cpi)
+        best = max(sims[i, j] for j in own)
+        i2t_ranks.append(sum(1 for j in range(n_cap) if j not in own and sims[i, j] >= best))
+    for j in range(n_cap):
+        own_image = j // cpi
+        t2i_ranks.append(sum(1 for i in range(n_img) if i != own_image and sims[i, j] >= sims[own_image, j]))
 
     def metrics(ranks):
         ranks = np.array(ranks, dtype=np.float64)
@@ -48,6 +53,68 @@ def test_compute_recalls_matches_slow_loop(n_img, signal):
     assert_same(compute_recalls(torch.as_tensor(sims, dtype=torch.float64)), slow_recalls(sims))
 
 
+@pytest.mark.parametrize("levels", [2, 3, 7])
+def test_ties_count_against_the_model(levels):
+    """Integer scores in few levels: most comparisons are ties; they must all count as misses."""
+    rng = np.random.default_rng(levels)
+    sims = rng.integers(0, levels, size=(30, 150)).astype(np.float32)
+    assert_same(compute_recalls(sims, chunk_size=7), slow_recalls(sims))
+
+
+def test_collapsed_model_scores_zero():
+    for value in (0.0, 0.7, -1.0):
+        result = compute_recalls(np.full((50, 250), value))
+        assert result["rsum"] == 0.0
+        assert result["i2t"]["meanr"] == 50 * 5 - 5 + 1 and result["t2i"]["meanr"] == 50
+
+
+def test_non_finite_scores_are_an_error():
+    sims = np.random.default_rng(0).random((20, 100))
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = sims.copy()
+        broken[3, 17] = bad
+        with pytest.raises(NonFiniteScoresError, match="1 non-finite"):
+            compute_recalls(broken)
+    with pytest.raises(NonFiniteScoresError, match="2000 non-finite"):
+        compute_recalls(np.full((20, 100), np.nan))
+
+
+def test_embeddings_with_nan_name_their_counts():
+    emb = _embeddings(10)
+    emb["v_i"][2, 0] = float("nan")
+    emb["v_c"][5, 1] = float("inf")
+    emb["w_i"][7, 3] = float("nan")
+    with pytest.raises(NonFiniteScoresError, match="2 of 10 image embeddings and 1 of 50 caption embeddings"):
+        check_finite(emb)
+    check_finite(_embeddings(10))  # finite: no error
+
+
+def test_half_precision_scores_are_ranked_as_float32():
+    rng = np.random.default_rng(3)
+    sims = torch.as_tensor(rng.normal(size=(20, 100)), dtype=torch.bfloat16)
+    assert_same(compute_recalls(sims), slow_recalls(sims.float().numpy()))
+
+
+def test_chance_rsum_formula_and_random_scores():
+    # the closed form against a product written the other way round (all 5 own captions outside the top K)
+    for n in (10, 100, 1000):
+        other = 0.0
+        for k in (1, 5, 10):
+            miss = np.prod([(5 * n - k - j) / (5 * n - j) for j in range(5)])
+            other += 100 * k / n + 100 * (1 - miss)
+        assert chance_rsum(n) == pytest.approx(other, rel=1e-12)
+    rng = np.random.default_rng(0)
+    mean = np.mean([compute_recalls(rng.random((100, 500)))["rsum"] for _ in range(40)])
+    assert abs(mean - chance_rsum(100)) < 3, (mean, chance_rsum(100))
+    assert compute_recalls(rng.random((100, 500)))["chance_rsum"] == pytest.approx(chance_rsum(100))
+
+
+def test_duplicate_captions_counts_only_other_images():
+    caps = ["a dog", "a dog", "a cat", "x", "y",  # image 0: "a dog" twice within one image is not counted
+            "a cat", "b", "c", "d", "e"]  # image 1 shares "a cat" with image 0
+    assert duplicate_captions(caps) == 2
+
+
 def test_chunked_equals_full():
     rng = np.random.default_rng(1)
     sims = rng.normal(size=(50, 250)) + np.repeat(np.eye(50), 5, axis=1)
@@ -59,6 +126,7 @@ def test_perfect_and_worst_retrieval():
     sims = np.repeat(np.eye(n), 5, axis=1)
     perfect = compute_recalls(sims + 1e-3 * np.random.default_rng(0).random(sims.shape))
     assert perfect["rsum"] == pytest.approx(600.0)
+    assert compute_recalls(sims)["rsum"] == pytest.approx(600.0)  # ties among own captions do not count
     assert perfect["i2t"]["medr"] == 1 and perfect["t2i"]["meanr"] == pytest.approx(1.0)
     worst = compute_recalls(-sims + 1e-3 * np.random.default_rng(0).random(sims.shape))
     assert worst["i2t"]["r10"] == 0.0 and worst["t2i"]["r10"] == 0.0

@@ -365,6 +365,36 @@ def test_evaluate_refuses_model_overrides(capsys, trained):
     assert_message("`evaluate.py --set` on a model", err)
 
 
+@row("NaN or inf in the embeddings at evaluation")
+def test_non_finite_embeddings_at_evaluation(capsys, monkeypatch, tmp_path, trained, config):
+    from coder.models.model import ITRModel
+
+    ckpt = torch.load(trained[1] / "model_best.pth", weights_only=True)
+    name = next(k for k in ckpt["model"] if k.startswith("image_encoder.") and k.endswith("weight"))
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))  # a diverged image encoder
+    torch.save(ckpt, tmp_path / "diverged.pth")
+    code, err = run_evaluate(capsys, tmp_path / "diverged.pth")
+    assert code == 2
+    assert_message("NaN or inf in the embeddings at evaluation", err)
+    assert "2 of 2 image embeddings and 0 of 10 caption embeddings" in err
+
+    encode_text = ITRModel.encode_text  # training's dev evaluation: the caption encoder diverges
+
+    def nan_captions(self, *args, **kwargs):
+        return {k: v * float("nan") for k, v in encode_text(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(ITRModel, "encode_text", nan_captions)
+    err = train_fails(capsys, config, tmp_path)
+    assert_message("NaN or inf in the embeddings at evaluation", err)
+
+
+@row("`evaluate.py --eccv` on a split that is not COCO's 5K test")
+def test_eccv_needs_coco_5k(capsys, trained):
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
+    assert code == 2
+    assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)
+
+
 # ------------------------------------------------------------------------------------------ nothing is lost
 @pytest.fixture
 def two_epoch_run(tmp_path, data, tiny_bert_dir):
