@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coder.config import load_config  # noqa: E402
 from coder.data.demo import generate_demo_data  # noqa: E402
-from coder.evaluation import split_datasets  # noqa: E402
-from coder.evaluation import evaluate_model  # noqa: E402
+from coder.evaluation import (
+    evaluate_model,  # noqa: E402
+    split_datasets,  # noqa: E402
+)
 from coder.models.model import ITRModel  # noqa: E402
 from coder.models.text import load_text_backbone  # noqa: E402
 

@@ -201,7 +201,8 @@ def results_section(train: dict, evals: list[dict], feature_gb: float, args: arg
         "|---|---|---|---|---|",
     ]
     for e in evals:
-        lines.append(f"| {e['chunk_size']} | {e['before_mb']['VmRSS']} MB ({e['embeddings_mb']} MB) | {e['peak_mb']} MB "
+        lines.append(f"| {e['chunk_size']} | {e['before_mb']['VmRSS']} MB ({e['embeddings_mb']} MB) "
+                     f"| {e['peak_mb']} MB "
                      f"| {e['seconds']:.1f} s | {e['kpps_5k']:,.0f} Kpps |")
     lines.append("\nTimes are wall-clock on a shared machine; 5K throughput counts 5,000 x 25,000 pairs over the whole "
                  "call (5K and the five 1K folds, two similarity matrices each for the fused score).")

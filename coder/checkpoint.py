@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CoderError
+
 FORMAT_VERSION = 1
 # keys that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "train.save_every",
                      "data.num_workers", "data.root", "eval.batch_size", "eval.chunk_size", "name")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CoderError, ValueError):
     """A checkpoint file is missing, unreadable, not ours, or does not match the config."""
 
 

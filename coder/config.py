@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from .errors import CoderError
 
-class ConfigError(ValueError):
+
+class ConfigError(CoderError, ValueError):
     """A config file, key or value is wrong; the message names the key."""
 
 
@@ -261,7 +263,8 @@ def validate(cfg: dict) -> None:
     if not 0.0 <= cfg["model"]["momentum"]["m"] < 1.0:
         raise ConfigError(f"config key 'model.momentum.m' must be in [0, 1), got {cfg['model']['momentum']['m']}")
     if cfg["loss"]["pgc_weight"] > 0 and cfg["model"]["concept"]["enabled"] and not cfg["model"]["momentum"]["enabled"]:
-        raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' (k-means runs on momentum features)")
+        raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' "
+                          "(k-means runs on momentum features)")
     if cfg["model"]["user"]["cge"] and not cfg["data"]["clip_features"]:
         raise ConfigError("config key 'model.user.cge' needs 'data.clip_features: true' (CGE reads S_clip.npy)")
     if cfg["model"]["user"]["cge"] and cfg["data"]["clip_dim"] != cfg["model"]["user"]["clip_dim"]:

@@ -19,10 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import CoderError
 from .evaluation import fused_chunks
 
 COCO_TEST_CAPTIONS = 25_000
 METRICS = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_5k_recalls")
+
+
+class EccvSplitError(CoderError, ValueError):
+    """ECCV Caption metrics were asked for a split that is not COCO's 5K test."""
 
 
 def _package_dir() -> Path:
@@ -89,7 +94,7 @@ def eccv_metrics(emb: dict[str, Tensor], beta: float = 0.9, captions_per_image: 
     """ECCV Caption and CxC metrics of COCO testall embeddings (5,000 images, 25,000 captions in order)."""
     n_captions = emb["w_i"].size(0)
     if n_captions != COCO_TEST_CAPTIONS or emb["v_i"].size(0) * captions_per_image != n_captions:
-        raise ValueError(f"ECCV Caption metrics need COCO's 5K test split (testall: 5,000 images, 25,000 "
+        raise EccvSplitError(f"ECCV Caption metrics need COCO's 5K test split (testall: 5,000 images, 25,000 "
                          f"captions in the Karpathy order), got {emb['v_i'].size(0)} images and {n_captions} captions")
     if "v_c" not in emb:
         beta = 1.0

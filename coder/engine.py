@@ -18,16 +18,24 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, config_differences, load_checkpoint,
-                         rng_state, set_rng_state)
-from .config import dump
+from .checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    config_differences,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .config import ConfigError, dump
+from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
 from .models.model import build_model
 from .models.text import load_text_backbone
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CoderError, RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
@@ -36,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config key 'train.device' is 'cuda' but no CUDA device is available")
+        raise ConfigError("config key 'train.device' is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
@@ -168,11 +176,11 @@ class Trainer:
             captions_per_image=data["captions_per_image"], load_clip=data["clip_features"], clip_dim=data["clip_dim"],
             seed=cfg["train"]["seed"])
         if self.train_set.region_dim != cfg["model"]["region_dim"]:
-            raise ValueError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
+            raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
                              f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")
         batch = cfg["train"]["batch_size"]
         if len(self.train_set) < batch * self.world:
-            raise ValueError(f"config key 'train.batch_size' ({batch}) x {self.world} process(es) exceeds the "
+            raise ConfigError(f"config key 'train.batch_size' ({batch}) x {self.world} process(es) exceeds the "
                              f"{len(self.train_set)} training captions in {data['root']}")
         base = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                   seed=cfg["train"]["seed"], drop_last=True)

@@ -21,10 +21,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .errors import CoderError
+
 RECALL_KS = (1, 5, 10)
 
 
-class NonFiniteScoresError(ValueError):
+class NonFiniteScoresError(CoderError, ValueError):
     """Embeddings or similarities hold NaN/inf: a diverged model has no recall to report."""
 
 

@@ -12,6 +12,7 @@ The pieces are usable on their own:
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 import json
@@ -24,11 +25,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_save, load_checkpoint
+from .concepts import load_concepts
+from .config import ConfigError, from_dict, merge, nest, parse_override, validate
+from .data import collate, demo, tokenize_caption
+from .errors import CoderError
+from .evaluation import encode_split, split_datasets
+from .models.model import build_model
+from .models.text import load_text_backbone
+
 DIRECTIONS = ("i2t", "t2i")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
-class ReportError(ValueError):
+class ReportError(CoderError, ValueError):
     """A report input is missing or inconsistent (images folder, image file, checkpoint contents)."""
 
 
@@ -152,8 +162,6 @@ def _basis(model) -> Tensor:
 @torch.no_grad()
 def image_attention(model, images_ds, indices: Sequence[int], device="cpu") -> Tensor:
     """Eq. 2 weights a^v (len(indices), g) of the chosen images over the concepts."""
-    from .data import collate
-
     model.eval()
     if not len(indices):
         return torch.zeros(0, 0)
@@ -174,8 +182,6 @@ def text_attention(model, input_ids: Tensor, lengths: Tensor, device="cpu") -> T
 
 def caption_attention(model, captions_ds, indices: Sequence[int], device="cpu") -> Tensor:
     """Eq. 2 weights a^w (len(indices), g) of the chosen captions of a split."""
-    from .data import collate
-
     if not len(indices):
         return torch.zeros(0, 0)
     batch = collate([captions_ds[int(i)] for i in indices])
@@ -227,8 +233,6 @@ def demo_scenes(root: str | Path, split: str, n_images: int, captions: Sequence[
     The demo folder stores no per-image description, so the scenes are drawn again from the MANIFEST's
     seed (`coder.data.demo.sample_scenes`) and accepted only if they regenerate the split's captions.
     """
-    from .data import demo
-
     try:
         manifest = json.loads((Path(root) / demo.MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -444,12 +448,6 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device="cp
     The momentum key encoders and memory banks (§3.2) only serve training, so they are neither built nor
     loaded; every other weight must match the checkpoint exactly.
     """
-    import copy
-
-    from .checkpoint import load_checkpoint
-    from .config import ConfigError, from_dict, merge, nest, parse_override, validate
-    from .models.model import build_model
-    from .models.text import load_text_backbone
 
     ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"])  # over the current defaults: keys added since the run get their default
@@ -481,8 +479,6 @@ def _file_key(path: Path) -> list:
 def cached_embeddings(cache: Path | None, checkpoint: str | Path, cfg: dict, split: str, files, encode) -> dict:
     """`encode()`'s embeddings, reused from `cache` when it was written for the same checkpoint file, split
     files and data settings (encoding the split is most of a report's time); None disables the cache."""
-    from .checkpoint import atomic_save
-
     paths = [Path(checkpoint), files.ims_path, files.caps_path]
     key = json.dumps({"files": [_file_key(p) for p in paths], "data": cfg["data"], "split": split},
                      sort_keys=True, default=str)
@@ -509,23 +505,19 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
     """Load a checkpoint, encode a split once (or reuse `cache`, see `cached_embeddings`; a folder there
     means `<checkpoint stem>.report_<split>.pt` in it), rank sampled queries in both directions (and a typed
     caption), and gather what the page shows."""
-    from .concepts import load_concepts
-    from .data import tokenize_caption
-    from .engine import eval_datasets
-    from .evaluation import encode_split
-
     t0 = time.perf_counter()
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ReportError(f"images folder not found: {images_dir}")  # before the (slow) encoding
     model, cfg, tokenizer = load_model(checkpoint, overrides, device)
     data, cpi = cfg["data"], cfg["data"]["captions_per_image"]
     split = split or data["test_split"]
-    images_ds, captions_ds = eval_datasets(cfg, tokenizer, split)
+    images_ds, captions_ds = split_datasets(cfg, tokenizer, split)
     if cache is not None and Path(cache).is_dir():
         cache = Path(cache) / f"{Path(checkpoint).stem}.report_{split}.pt"
     emb = cached_embeddings(None if cache is None else Path(cache), checkpoint, cfg, split, images_ds.files,
                             lambda: encode_split(model, images_ds, captions_ds, device,
-                                                 batch_size=cfg["eval"]["batch_size"], progress=progress))
+                                                 batch_size=cfg["eval"]["batch_size"], progress=progress,
+                                                 amp=cfg["eval"]["amp"]))
     concept_branch = "v_c" in emb and model.concept is not None
     beta = float(cfg["eval"]["beta"]) if concept_branch else 1.0
 

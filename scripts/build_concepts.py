@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build CODER's concept vocabulary (SPEC §3.3) from the training captions only.
+"""Build CODER's concept vocabulary (CODER §3.2; adjacency as CVSE [49]) from the training captions only.
 
     python scripts/build_concepts.py --root data/f30k_precomp --glove glove.6B.300d.txt
 
@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coder.concepts import build_concepts  # noqa: E402
+from coder.errors import CoderError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split != "train":
         parser.error(f"--split {args.split!r} refused: concepts are built from the training captions only")
-    vocab = build_concepts(args.root, args.glove, split=args.split, output_dir=args.output,
-                           num_concepts=args.num_concepts, pos_method=args.pos_method)
+    try:
+        vocab = build_concepts(args.root, args.glove, split=args.split, output_dir=args.output,
+                               num_concepts=args.num_concepts, pos_method=args.pos_method)
+    except CoderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     info = vocab.info
     out = Path(args.output) if args.output else Path(args.root)
     print(f"{info['num_concepts']} concepts {info['selected_per_pos']} (pos: {info['pos_method']}, "

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from coder.data import (DataError, PrecompCaptions, PrecompDataset, PrecompImages, collate,
-                        drop_regions, tokenize_caption)
+from coder.data import (
+    DataError,
+    PrecompCaptions,
+    PrecompDataset,
+    PrecompImages,
+    collate,
+    drop_regions,
+    tokenize_caption,
+)
 
 WORDS = ["dog", "cat", "red", "man", "park", "ball", "tree", "car", "girl", "runs"]
 
@@ -36,7 +43,8 @@ def write_split(root, split="train", *, images=4, per_row=5, regions=6, dim=3, c
     if ids:
         (root / f"{split}_ids.txt").write_text("\n".join(f"img{r}" for r in range(rows)) + "\n")
     if clip_dim:
-        np.save(root / f"{split}_clip.npy", np.arange(rows, dtype=np.float32)[:, None] + np.zeros((1, clip_dim), np.float32))
+        clip = np.arange(rows, dtype=np.float32)[:, None] + np.zeros((1, clip_dim), np.float32)
+        np.save(root / f"{split}_clip.npy", clip)
     return root
 
 

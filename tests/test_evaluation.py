@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from coder.evaluation import (NonFiniteScoresError, chance_rsum, check_finite, compute_recalls,
-                              duplicate_captions, evaluate_embeddings, format_table, rank_block,
-                              recalls_from_ranks)
+from coder.evaluation import (
+    NonFiniteScoresError,
+    chance_rsum,
+    check_finite,
+    compute_recalls,
+    duplicate_captions,
+    evaluate_embeddings,
+    format_table,
+    rank_block,
+    recalls_from_ranks,
+)
 
 
 def slow_recalls(sims: np.ndarray, cpi: int = 5) -> dict:

@@ -80,8 +80,8 @@ def test_full_coder_objective_is_eq8_by_hand(positive_form, mask_own):
     bank_w, bank_v = L(out["v_i"] @ bank.w.t()), L(out["w_i"] @ bank.v.t())
     diagonal = lambda n, q: n == q  # noqa: E731
     own = [int(i) for i in batch["image_index"]]
-    mask_w = (lambda n, q: mask_own and int(bank.ids_w[q]) == own[n])
-    mask_v = (lambda n, q: mask_own and int(bank.ids_v[q]) == own[n])
+    mask_w = (lambda n, q: mask_own and int(bank.ids_w[q]) == own[n])  # noqa: E731
+    mask_v = (lambda n, q: mask_own and int(bank.ids_v[q]) == own[n])  # noqa: E731
     # Eq. 3 with banks: the average of the batch and the bank estimate (each max-normalised); the bank
     # estimate sees every bank entry (masking changes the DCL negatives, not the diversity)
     div_v = [(a + b) / 2 for a, b in zip(loop_diversity(S, diagonal), loop_diversity(bank_w, lambda n, q: False))]

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import results_table  # noqa: E402
 
+
 def fake_run(tmp_path, name, r1, concept=False):
     run = tmp_path / name
     run.mkdir()

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from coder.report import (ReportError, build_report, load_model, pessimistic_rank, rank_queries, ranked_order,
-                          render_html)
+from coder.report import (
+    ReportError,
+    build_report,
+    load_model,
+    pessimistic_rank,
+    rank_queries,
+    ranked_order,
+    render_html,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -84,8 +91,8 @@ _DIRECT = {}
 @torch.no_grad()
 def direct_similarities(checkpoint) -> tuple[np.ndarray, float, dict, object]:
     """S = beta S^I + (1 - beta) S^C (§3.5) for every image-caption pair, from the split's embeddings."""
-    from coder.engine import eval_datasets
     from coder.evaluation import encode_split
+    from coder.evaluation import split_datasets as eval_datasets
 
     if checkpoint in _DIRECT:  # encoded once per checkpoint
         return _DIRECT[checkpoint]
@@ -172,7 +179,7 @@ def test_page_has_one_block_per_query_and_marks_agree_with_direct_ranks(coder_pa
 
 def test_concepts_come_from_eq2_for_coder_and_are_absent_for_instance_only(coder_page, checkpoints, tmp_path):
     from coder.concepts import load_concepts
-    from coder.engine import eval_datasets
+    from coder.evaluation import split_datasets as eval_datasets
 
     found = blocks(coder_page)
     _, _, _, (model, cfg, tokenizer) = direct_similarities(checkpoints["coder"])
@@ -258,14 +265,14 @@ def test_images_are_embedded_and_missing_ones_are_clear_errors(checkpoints, tiny
 def test_embedding_cache_is_reused_until_the_checkpoint_changes(checkpoints, tmp_path, monkeypatch):
     import os
 
-    import coder.evaluation
+    import coder.report
 
     cache = tmp_path / "emb.pt"
     first = build_report(checkpoints["instance"], split=SPLIT, queries=N_QUERIES, seed=3, cache=cache)
     assert cache.is_file()
     calls = []
-    real = coder.evaluation.encode_split
-    monkeypatch.setattr(coder.evaluation, "encode_split", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = coder.report.encode_split
+    monkeypatch.setattr(coder.report, "encode_split", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     again = build_report(checkpoints["instance"], split=SPLIT, queries=N_QUERIES, seed=3, cache=cache)
     assert calls == [] and [b.rank for b in again.blocks] == [b.rank for b in first.blocks]
     stat = checkpoints["instance"].stat()

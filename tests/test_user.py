@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from coder.losses.uto import uto_loss, uto_term
-from coder.models.user import (ClipGuidedEnhancement, SelfGuidedEnhancement, inject_global,
-                               injection_weights)
+from coder.models.user import ClipGuidedEnhancement, SelfGuidedEnhancement, inject_global, injection_weights
 
 ALPHA, EPS = 90.0, 0.5
 

@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .text import tokenize_caption
+from ..errors import CoderError
 
 
-class DataError(ValueError):
+class DataError(CoderError, ValueError):
     """A data file is missing or malformed; the message names the file and the row/line/shape at fault."""
 
 

@@ -14,12 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from ..errors import MissingFileError
 from .aggregators import valid_mask  # noqa: E402
 
 PKG_PREFIX = "pkg://"
 
 
-class ModelFileError(FileNotFoundError):
+class ModelFileError(MissingFileError):
     """A pretrained model or tokenizer directory is missing or unreadable."""
 
 

@@ -1,0 +1,101 @@
+"""Command lines: `coder-train` / `python train.py` and `coder-eval` / `python evaluate.py`.
+
+Only `CoderError` (a problem the user can fix) is printed as one `error: ...` line (exit status 2; a
+non-finite loss: 1). Every other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .config import ConfigError, from_dict, load_config, merge, nest, parse_override, validate
+from .distributed import cleanup
+from .eccv import format_eccv
+from .engine import NonFiniteLossError, Trainer, resolve_device
+from .errors import CoderError
+from .evaluation import evaluate_split, format_table, write_json
+from .models.model import build_model
+from .models.text import load_text_backbone
+
+TRAIN_HELP = """Train an image-text retrieval model: `python train.py --config configs/demo.yaml [--set key=value ...]`.
+
+Multi-GPU: `torchrun --nproc_per_node=N train.py --config ...`. See README.md."""
+
+EVAL_HELP = """Evaluate a checkpoint: `python evaluate.py --checkpoint runs/f30k_coder/model_best.pth [--split test]`.
+
+Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output)."""
+
+
+def train_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/f30k_coder.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.batch_size=64 (repeatable)")
+    parser.add_argument("--output", help="output folder (default runs/<config name>)")
+    parser.add_argument("--resume", help="'auto' (the output folder's checkpoint_last.pth) or a checkpoint path")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser.parse_args(argv)
+
+
+def train_main(argv=None) -> int:
+    args = train_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        output = Path(args.output) if args.output else Path("runs") / cfg["name"]
+        Trainer(cfg, output, resume=args.resume, progress=not args.no_progress).fit()
+    except NonFiniteLossError as err:  # an expected way for training to fail: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except CoderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+def eval_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model_best.pth or checkpoint_last.pth")
+    parser.add_argument("--split", help="split to evaluate (default: the config's data.test_split)")
+    parser.add_argument("--fold5", action="store_true", help="COCO protocol: 5-fold 1K averaged, plus 5K")
+    parser.add_argument("--eccv", action="store_true",
+                        help="COCO testall only: also ECCV Caption mAP@R / R-Precision / R@1 and CxC recalls")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a data/eval key, e.g. --set data.root=/data/f30k_precomp")
+    parser.add_argument("--output", help="where to write eval_<split>.json (default: the checkpoint's folder)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def evaluate_main(argv=None) -> int:
+    args = eval_args(argv)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
+        for text in args.overrides:
+            keys, value = parse_override(text)
+            if keys[0] not in ("data", "eval"):
+                raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys, not '{'.'.join(keys)}'")
+            merge(cfg, nest(keys, value))
+        validate(cfg)
+        device = resolve_device(args.device)
+        bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+        model = build_model(cfg, bert).to(device)
+        model.load_state_dict(ckpt["model"])
+        split = args.split or cfg["data"]["test_split"]
+        result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,
+                                fold5=True if args.fold5 else None, eccv=args.eccv)
+        out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / f"eval_{split}.json", result)
+        print(f"{args.checkpoint}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
+        if "eccv" in result:
+            print(format_eccv(result["eccv"]))
+    except CoderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,161 @@
+"""Run a seeded study: every entry of a study file x every seed, one train.py run each, then one table of
+mean ± std per metric.
+
+    python scripts/study.py studies/demo_table2.yaml [--seeds 0 1 2] [--out runs/study] \
+        [--only NAME ...] [--readme README.md] [--table-only]
+
+A study file (YAML) names its entries:
+
+    seeds: [0, 1, 2]
+    runs:
+      - name: btr                       # folder name: <out>/<name>/seed<k>
+        label: "BTR, triplet (Table 2 #1)"
+        config: configs/demo.yaml
+        set: [loss.instance=triplet, loss.instance_weight=1.0]   # --set overrides, as on train.py
+
+Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
+already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
+that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --readme it
+replaces the block between `<!-- study:start -->` and `<!-- study:end -->`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- study:start -->", "<!-- study:end -->"
+# (column, how to read it from eval_<split>.json)
+COLUMNS = (
+    ("dev R@sum", lambda r: r.get("best_dev_rsum")),
+    ("test R@sum", lambda r: r["rsum"]),
+    ("i2t R@1", lambda r: r["i2t"]["r1"]),
+    ("t2i R@1", lambda r: r["t2i"]["r1"]),
+    ("instance-only", lambda r: r["instance"]["rsum"] if "instance" in r else None),
+    ("concept-only", lambda r: r["concept"]["rsum"] if "concept" in r else None),
+)
+
+
+class StudyError(ValueError):
+    """The study file is malformed; the message names the entry and key."""
+
+
+def load_study(path: Path) -> dict:
+    try:
+        study = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise StudyError(f"cannot read study file {path}: {err}") from err
+    if not isinstance(study, dict) or not isinstance(study.get("runs"), list) or not study["runs"]:
+        raise StudyError(f"{path}: expected a mapping with a non-empty 'runs' list")
+    names = set()
+    for i, run in enumerate(study["runs"]):
+        for key in ("name", "config"):
+            if not isinstance(run, dict) or not isinstance(run.get(key), str):
+                raise StudyError(f"{path}: runs[{i}] needs a string '{key}'")
+        if run["name"] in names:
+            raise StudyError(f"{path}: run name '{run['name']}' appears twice")
+        names.add(run["name"])
+        if not isinstance(run.setdefault("set", []), list):
+            raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'set' must be a list of key=value")
+        run.setdefault("label", run["name"])
+    study.setdefault("seeds", [0])
+    return study
+
+
+def run_dir(out: Path, run: dict, seed: int) -> Path:
+    return out / run["name"] / f"seed{seed}"
+
+
+def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
+    """One train.py run in a subprocess (resumed if it was killed); its wall time goes to study_run.json."""
+    if (folder / f"eval_{split}.json").is_file():
+        return  # finished in an earlier invocation
+    command = [sys.executable, str(REPO / "train.py"), "--config", run["config"], "--output", str(folder),
+               "--no-progress", "--resume", "auto", "--set", f"train.seed={seed}"]
+    for override in run["set"]:
+        command += ["--set", override]
+    print(f"[study] {run['name']} seed {seed}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    tic = time.perf_counter()
+    subprocess.run(command, check=True, cwd=REPO, stdout=stream, stderr=stream)
+    seconds = time.perf_counter() - tic
+    (folder / "study_run.json").write_text(json.dumps({"seconds": seconds, "command": command[1:]}, indent=2))
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
+    """Markdown: one row per entry, mean ± std over the seeds whose run finished."""
+    header = ["run", "seeds"] + [name for name, _ in COLUMNS] + ["s / run"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    for run in study["runs"]:
+        results, seconds = [], []
+        for seed in seeds:
+            folder = run_dir(out, run, seed)
+            path = folder / f"eval_{split}.json"
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+                timing = folder / "study_run.json"
+                if timing.is_file():
+                    seconds.append(json.loads(timing.read_text())["seconds"])
+        cells = [mean_std([read(r) for r in results]) for _, read in COLUMNS]
+        time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
+        lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, path: Path) -> str:
+    if START not in text or END not in text:
+        raise StudyError(f"{path} has no '{START}' ... '{END}' block to replace")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="study YAML (see studies/)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the study's seeds")
+    parser.add_argument("--out", type=Path, help="parent folder of the runs (default runs/study/<study name>)")
+    parser.add_argument("--only", nargs="+", help="run only these entries (the table still lists all)")
+    parser.add_argument("--split", default="test", help="the split whose eval json is tabulated")
+    parser.add_argument("--readme", type=Path, help="file whose study block is replaced by the table")
+    parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate what exists")
+    parser.add_argument("--log", type=Path, help="append the runs' output here (default: inherit)")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study)
+        seeds = args.seeds or study["seeds"]
+        out = args.out or REPO / "runs" / "study" / args.study.stem
+        if not args.table_only:
+            stream = args.log.open("a") if args.log else None
+            for run in study["runs"]:
+                if args.only and run["name"] not in args.only:
+                    continue
+                for seed in seeds:
+                    train(run, seed, run_dir(out, run, seed), args.split, stream)
+        block = table(study, out, seeds, args.split)
+        if args.readme:
+            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme))
+    except (StudyError, subprocess.CalledProcessError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
