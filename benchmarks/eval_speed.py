@@ -1,5 +1,5 @@
 """Evaluation benchmark at F30K test size: 1,000 images (36 x 2048 regions) and 5,000 captions, MiniLM-L6
-text encoder, F = 1024 — the set-up of the reference in SPEC §10 (VSE-infinity's evalrank: 37.3 s).
+text encoder, F = 1024 — the set-up of the reference in benchmarks/RESULTS.md (VSE-infinity's evalrank: 37.3 s).
 
     python benchmarks/eval_speed.py [--device cpu|cuda] [--concept] [--out benchmarks/eval_speed.json]
 
@@ -19,16 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coder.config import load_config  # noqa: E402
-from coder.data.demo import generate_demo_data  # noqa: E402
+from coder.config import load_config
+from coder.demo import generate_demo_data
 from coder.evaluation import (
-    evaluate_model,  # noqa: E402
-    split_datasets,  # noqa: E402
+    evaluate_model,
+    split_datasets,
 )
-from coder.models.model import ITRModel  # noqa: E402
-from coder.models.text import load_text_backbone  # noqa: E402
+from coder.models.model import ITRModel
+from coder.models.text import load_text_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 

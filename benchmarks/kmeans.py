@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time coder.clustering.spherical_kmeans (SPEC §5, §10) and append the numbers to benchmarks/RESULTS.md.
+"""Time coder.clustering.spherical_kmeans (CODER §3.4) and append the numbers to benchmarks/RESULTS.md.
 
     python benchmarks/kmeans.py                  # CPU: 14,500 x 1,024 -> 1,000 and 29,000 x 1,024 -> 2,000
     python benchmarks/kmeans.py --device cuda    # adds the full F30K size 145,000 x 1,024 -> 10,000
@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coder.clustering import spherical_kmeans  # noqa: E402
+from coder.clustering import spherical_kmeans
 
 CPU_SIZES = [(14_500, 1_000), (29_000, 2_000)]
 FULL_SIZE = (145_000, 10_000)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory on COCO-size data (SPEC §3.1, §10): training reads features per batch, ranking is chunked.
+"""Peak memory on COCO-size data: training reads features per batch, ranking is chunked.
 
     python benchmarks/memory.py [--dir DIR] [--steps 20] [--batch-size 128] [--append]
 
@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 COCO_TRAIN_IMAGES, COCO_TEST_IMAGES = 113_287, 5_000
 REGIONS, REGION_DIM, CAPTIONS_PER_IMAGE = 36, 2_048, 5

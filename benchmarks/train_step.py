@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coder.config import load_config  # noqa: E402
-from coder.engine import TrainStep  # noqa: E402
-from coder.losses.objective import Objective  # noqa: E402
-from coder.models.model import ITRModel  # noqa: E402
-from coder.models.text import load_text_backbone, tiny_bert  # noqa: E402
+from coder.config import load_config
+from coder.engine import TrainStep
+from coder.losses.objective import Objective
+from coder.models.model import ITRModel
+from coder.models.text import load_text_backbone, tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # config file + overrides: each is what a user would train

@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §8): atomic writes, safe loads, RNG capture, config comparison.
+"""Checkpoints (README: Resume): atomic writes, safe loads, RNG capture, config comparison.
 
 A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 `torch.load(weights_only=True)`; nothing is unpickled beyond that.

@@ -6,9 +6,11 @@ non-finite loss: 1). Every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from . import demo
 from .checkpoint import load_checkpoint
 from .config import ConfigError, from_dict, load_config, merge, nest, parse_override, validate
 from .distributed import cleanup
@@ -44,6 +46,8 @@ def train_main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         output = Path(args.output) if args.output else Path("runs") / cfg["name"]
+        if cfg["data"]["prepare"] == "demo" and os.environ.get("RANK", "0") == "0":
+            demo.prepare(cfg)  # the other ranks wait at the Trainer's first barrier
         Trainer(cfg, output, resume=args.resume, progress=not args.no_progress).fit()
     except NonFiniteLossError as err:  # an expected way for training to fail: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)

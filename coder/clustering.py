@@ -1,4 +1,4 @@
-"""Online spherical k-means for CODER's prototype labels z (paper §3.4, SPEC §5).
+"""Online spherical k-means for CODER's prototype labels z (paper §3.4).
 
 Lloyd iterations on the unit sphere: assign each point to the centroid of highest cosine, then set
 each centroid to the normalised sum of its points. Chunked matmuls on x's device keep memory at
@@ -127,3 +127,20 @@ def _faiss_kmeans(x: Tensor, k: int, *, iters: int, init: Tensor | None, seed: i
     labels, best = _assign(x, centroids, 65536)
     inertia = [_inertia(best)]
     return KMeansResult(centroids, labels, inertia, torch.bincount(labels, minlength=k))
+
+
+@torch.no_grad()
+def label_training_pairs(encode_pairs, loader, k: int, *, iters: int, init: Tensor | None, chunk_size: int,
+                         seed: int, device, autocast, progress: bool = True) -> KMeansResult:
+    """The PGC labels z of §3.4: x = L2norm(v^I + w^I) of every training pair from the momentum encoders
+    (`encode_pairs`, batches of a loader without augmentation), then spherical k-means warm-started from the
+    previous epoch's centroids `init` so cluster ids stay aligned with P^C. Labels follow dataset order."""
+    feats = []
+    for batch in tqdm(loader, desc="k-means features", leave=False, disable=not progress):
+        batch = {key: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for key, v in batch.items()}
+        with autocast:
+            feats.append(encode_pairs(batch["regions"], batch["region_lengths"], batch["input_ids"],
+                                      batch["text_lengths"], batch.get("clip")).float())
+    x = torch.cat(feats)
+    return spherical_kmeans(x, min(k, x.shape[0]), iters=iters, init=init, chunk_size=chunk_size, seed=seed,
+                            progress=progress)

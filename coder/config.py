@@ -22,35 +22,28 @@ class ConfigError(CoderError, ValueError):
 
 DEFAULTS: dict[str, Any] = {
     "name": "",  # run name; default output dir is runs/<name>
-    "method": "coder",  # coder | vse (instance baselines) | user
     "data": {
         "root": "data/f30k_precomp",
-        "dataset": "f30k",  # f30k | coco: selects the evaluation protocol (SPEC §7)
+        "dataset": "f30k",  # f30k | coco: selects the evaluation protocol (CODER §4.1)
         "train_split": "train",
         "val_split": "dev",
         "test_split": "test",  # COCO: testall (5-fold 1K + 5K)
-        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions (SPEC §3.1)
+        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions (precomp format of SCAN/VSE-infinity)
         "captions_per_image": 5,
         "max_words": 32,
-        "augment": True,  # VSE-infinity's training augmentations (SPEC §3.1)
+        "augment": True,  # VSE-infinity's training augmentations (precomp format of SCAN/VSE-infinity)
         "region_dropout": 0.2,
         "word_corruption": 0.2,
         "num_workers": 0,
-        "demo": False,  # generate the embedded demo data into data.root on first use (SPEC §3.4)
-        "demo_train_images": 1000,
-        "demo_dev_images": 100,
-        "demo_test_images": 1000,
-        "demo_region_dim": 256,
-        "demo_seed": 0,
-        "clip_features": False,  # load S_clip.npy (USER's CGE)
-        "clip_dim": 512,
+        "prepare": "",  # "demo": train.py writes the embedded demo data into data.root on first use
+        "clip_features": False,  # load S_clip.npy (USER's CGE), model.user.clip_dim wide
     },
     "model": {
         "text_encoder": "bert-base-uncased",  # local dir, cached HF name, or pkg://<module>/<subdir>
         "embed_dim": 1024,  # F, the joint space (§4.2)
         "region_dim": 2048,
         "num_regions": 36,  # L (§4.2); USER's SGE needs exactly this many
-        "aggregator": "gpo",  # gpo | mean | max (SPEC §4.1)
+        "aggregator": "gpo",  # gpo | mean | max (VSE-infinity's heads, CODER §3.2)
         "text_layers": None,  # keep only the first N transformer layers (None = all)
         "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
             "enabled": False,
@@ -63,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
             "m": 0.995,
             "queue_size": 4096,
         },
-        "user": {  # USER's enhancement modules (SPEC §4.4)
+        "user": {  # USER's enhancement modules (USER)
             "sge": False,
             "cge": False,
             "dropout": 0.4,  # SGE dropout (USER's code)
@@ -91,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "mask_own_image": False,  # drop queue entries of the anchor's own image from its negatives
         "concept_weight": 1.0,  # L_DCL^C in Eq. 8
         "pgc_weight": 1.0,  # L_PGC in Eq. 8
-        "uto_alpha": 90.0,  # USER's UTO (SPEC §4.4)
+        "uto_alpha": 90.0,  # USER's UTO (USER)
         "uto_eps": 0.5,
         "uto_lambda": 20.0,
     },
@@ -224,16 +217,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     return cfg
 
 
+# keys of older versions, dropped when a checkpoint's config is read (their job moved or they did nothing)
+RETIRED_KEYS = ("method", "data.demo", "data.demo_train_images", "data.demo_dev_images", "data.demo_test_images",
+                "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
+
+
 def from_dict(data: dict) -> dict:
-    """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated."""
+    """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated; keys added
+    since take their defaults, retired keys are dropped."""
     cfg = copy.deepcopy(DEFAULTS)
+    data = copy.deepcopy(data)
+    for dotted in RETIRED_KEYS:
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
     merge(cfg, data)
     validate(cfg)
     return cfg
 
 
 _CHOICES = {
-    "method": ("coder", "vse", "user"),
+    "data.prepare": ("", "demo"),
     "data.dataset": ("f30k", "coco"),
     "model.aggregator": ("gpo", "mean", "max"),
     "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
@@ -267,9 +274,6 @@ def validate(cfg: dict) -> None:
                           "(k-means runs on momentum features)")
     if cfg["model"]["user"]["cge"] and not cfg["data"]["clip_features"]:
         raise ConfigError("config key 'model.user.cge' needs 'data.clip_features: true' (CGE reads S_clip.npy)")
-    if cfg["model"]["user"]["cge"] and cfg["data"]["clip_dim"] != cfg["model"]["user"]["clip_dim"]:
-        raise ConfigError(f"config keys 'data.clip_dim' ({cfg['data']['clip_dim']}) and 'model.user.clip_dim' "
-                          f"({cfg['model']['user']['clip_dim']}) must agree")
     if cfg["model"]["user"]["sge"] and cfg["data"]["augment"] and cfg["data"]["region_dropout"] > 0:
         raise ConfigError(
             "config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)"

@@ -1,4 +1,4 @@
-"""The training loop (CODER §4.2, SPEC §6, §8): one readable file.
+"""The training loop (CODER §4.2; resume as the README describes): one readable file.
 
 `Trainer(cfg, output_dir).fit()` trains, validates on dev every epoch, keeps the best model by dev R@sum
 (fused score), writes atomic checkpoints, resumes exactly (`resume="auto"`), and finally evaluates the
@@ -27,7 +27,9 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .clustering import label_training_pairs
 from .config import ConfigError, dump
+from .data import PrecompDataset, collate
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
@@ -57,19 +59,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def prepare_data(cfg: dict) -> None:
-    """Generate the embedded demo data (and its concept vocabulary) when a config asks for it."""
-    data = cfg["data"]
-    if data["demo"]:
-        from .data.demo import ensure_demo_data
+def lr_at(train_cfg: dict, epoch: int) -> float:
+    """Step schedule (§4.2): lr x lr_decay at each epoch listed in train.lr_decay_epochs."""
+    return train_cfg["lr"] * train_cfg["lr_decay"] ** sum(epoch >= e for e in train_cfg["lr_decay_epochs"])
 
-        ensure_demo_data(data["root"], seed=data["demo_seed"], train_images=data["demo_train_images"],
-                         dev_images=data["demo_dev_images"], test_images=data["demo_test_images"],
-                         region_dim=data["demo_region_dim"])
-        if cfg["model"]["concept"]["enabled"]:
-            from .concepts import ensure_demo_concepts
 
-            ensure_demo_concepts(data["root"], cfg["model"]["concept"]["vocab"])
+def build_optimizer(module: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
+    """Adam/AdamW; BERT parameters (query encoder) train at text_lr_mult x lr (§4.2)."""
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    text = [p for n, p in params if ".backbone.bert." in f".{n}"]
+    rest = [p for n, p in params if ".backbone.bert." not in f".{n}"]
+    groups = [{"params": rest, "lr_mult": 1.0}, {"params": text, "lr_mult": train_cfg["text_lr_mult"]}]
+    cls = torch.optim.AdamW if train_cfg["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(groups, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
 
 
 class ResumeSampler(Sampler):
@@ -99,11 +101,7 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict, epoch: int, labels: torch.Tensor | None):
         out = self.model(batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
                          batch.get("clip"))
-        momentum = self.model.momentum
-        bank = None
-        if momentum is not None:  # plain tensors: the loss never touches the queues themselves
-            bank = Bank(momentum.queue_v.features, momentum.queue_w.features, momentum.queue_v.ids,
-                        momentum.queue_w.ids)
+        bank = Bank(*self.model.momentum.bank()) if self.model.momentum is not None else None
         loss, terms, diag = self.objective(out, batch, epoch, bank, labels)
         return loss, terms, diag, out
 
@@ -121,9 +119,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(tcfg["seed"], tcfg["deterministic"])
-        if dist.is_main():
-            prepare_data(cfg)
-        dist.barrier()
+        dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
 
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
@@ -133,7 +129,7 @@ class Trainer:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.objective.prototypes is not None)
-        self.optimizer = self._make_optimizer()
+        self.optimizer = build_optimizer(self.step_module, tcfg)
         self._build_data()
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -149,32 +145,15 @@ class Trainer:
             self._resume(resume)
 
     # ------------------------------------------------------------------------------------ building
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam/AdamW; BERT parameters (query encoder) train at text_lr_mult x lr (§4.2)."""
-        tcfg = self.cfg["train"]
-        params = [(n, p) for n, p in self.step_module.named_parameters() if p.requires_grad]
-        text = [p for n, p in params if ".backbone.bert." in f".{n}"]
-        rest = [p for n, p in params if ".backbone.bert." not in f".{n}"]
-        groups = [{"params": rest, "lr_mult": 1.0}, {"params": text, "lr_mult": tcfg["text_lr_mult"]}]
-        cls = torch.optim.AdamW if tcfg["optimizer"] == "adamw" else torch.optim.Adam
-        return cls(groups, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-
-    def lr_at(self, epoch: int) -> float:
-        """Step schedule: lr x lr_decay at each epoch listed in train.lr_decay_epochs."""
-        tcfg = self.cfg["train"]
-        return tcfg["lr"] * tcfg["lr_decay"] ** sum(epoch >= e for e in tcfg["lr_decay_epochs"])
-
     def _build_data(self) -> None:
-        from .data import PrecompDataset, collate
-
         cfg, data = self.cfg, self.cfg["data"]
         aug = data["augment"]
         self.train_set = PrecompDataset(
             data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"], train=aug,
             region_dropout=data["region_dropout"] if aug else 0.0,
             word_corruption=data["word_corruption"] if aug else 0.0,
-            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"], clip_dim=data["clip_dim"],
-            seed=cfg["train"]["seed"])
+            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"],
+            clip_dim=cfg["model"]["user"]["clip_dim"], seed=cfg["train"]["seed"])
         if self.train_set.region_dim != cfg["model"]["region_dim"]:
             raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
                              f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")
@@ -192,11 +171,6 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
                                        collate_fn=collate, num_workers=data["num_workers"], pin_memory=cuda,
                                        persistent_workers=False, generator=self.loader_generator)
-
-    @property
-    def unwrapped(self) -> TrainStep:
-        return self.step_module.module if isinstance(self.step_module, nn.parallel.DistributedDataParallel) \
-            else self.step_module
 
     def steps_per_epoch(self) -> int:
         full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
@@ -247,44 +221,34 @@ class Trainer:
     def pgc_active(self, epoch: int) -> bool:
         return self.objective.prototypes is not None and epoch >= self.cfg["cluster"]["start_epoch"]
 
-    @torch.no_grad()
     def update_clusters(self, epoch: int) -> None:
-        """Spherical k-means on momentum features of every training pair, warm-started, run on rank 0 and
-        broadcast; labels are looked up by dataset index during the epoch."""
-        from .clustering import spherical_kmeans
-        from .data import PrecompDataset, collate
-
+        """Online k-means (§3.4) on rank 0, broadcast to every rank; labels are read by dataset index."""
         ccfg, data = self.cfg["cluster"], self.cfg["data"]
-        k, dim = ccfg["k"], self.cfg["model"]["embed_dim"]
-        n = len(self.train_set)
-        labels = torch.zeros(n, dtype=torch.long, device=self.device)
-        centroids = torch.zeros(k, dim, device=self.device)
+        labels = torch.zeros(len(self.train_set), dtype=torch.long, device=self.device)
+        centroids = torch.zeros(ccfg["k"], self.cfg["model"]["embed_dim"], device=self.device)
         if dist.is_main():
             plain = PrecompDataset(data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"],
                                    train=False, captions_per_image=data["captions_per_image"],
-                                   load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+                                   load_clip=data["clip_features"], clip_dim=self.cfg["model"]["user"]["clip_dim"])
             loader = DataLoader(plain, batch_size=self.cfg["eval"]["batch_size"], collate_fn=collate,
                                 num_workers=data["num_workers"])
             self.model.eval()
-            feats = []
-            for batch in tqdm(loader, desc="k-means features", leave=False, disable=not self.progress):
-                batch = self._to_device(batch)
-                with self._autocast():
-                    feats.append(self.model.momentum.encode_pairs(
-                        batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
-                        batch.get("clip")).float())
-            init = self.centroids.to(self.device) if self.centroids is not None else None
-            result = spherical_kmeans(torch.cat(feats), min(k, n), iters=ccfg["iters"], init=init,
-                                      chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
-                                      progress=self.progress)
+            result = label_training_pairs(
+                self.model.momentum.encode_pairs, loader, ccfg["k"], iters=ccfg["iters"],
+                init=self.centroids.to(self.device) if self.centroids is not None else None,
+                chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch, device=self.device,
+                autocast=self._autocast(), progress=self.progress)
             labels.copy_(result.labels)
             centroids[: result.centroids.size(0)].copy_(result.centroids)
-            if self.writer is not None:
-                sizes = torch.bincount(result.labels, minlength=result.centroids.size(0)).float()
-                self.writer.add_scalar("kmeans/inertia", float(result.inertia[-1]), epoch)
-                self.writer.add_scalar("kmeans/cluster_size_std", float(sizes.std()), epoch)
-                self.writer.add_scalar("kmeans/empty_clusters", float((sizes == 0).sum()), epoch)
+            self._log_clusters(result, epoch)
         self.labels, self.centroids = dist.broadcast(labels), dist.broadcast(centroids)
+
+    def _log_clusters(self, result, epoch: int) -> None:
+        if self.writer is not None:
+            sizes = torch.bincount(result.labels, minlength=result.centroids.size(0)).float()
+            self.writer.add_scalar("kmeans/inertia", float(result.inertia[-1]), epoch)
+            self.writer.add_scalar("kmeans/cluster_size_std", float(sizes.std()), epoch)
+            self.writer.add_scalar("kmeans/empty_clusters", float((sizes == 0).sum()), epoch)
 
     # ------------------------------------------------------------------------------------ training
     def _to_device(self, batch: dict) -> dict:
@@ -296,7 +260,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         tcfg = self.cfg["train"]
-        lr = self.lr_at(epoch)
+        lr = lr_at(tcfg, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         self.step_module.train()

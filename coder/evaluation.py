@@ -311,7 +311,7 @@ def split_datasets(cfg: dict, tokenizer, split: str):
     data = cfg["data"]
     cap = data["val_max_captions"] if split == data["val_split"] else None
     images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],
-                           max_captions=cap, load_clip=data["clip_features"], clip_dim=data["clip_dim"])
+                           max_captions=cap, load_clip=data["clip_features"], clip_dim=cfg["model"]["user"]["clip_dim"])
     captions = PrecompCaptions(data["root"], split, tokenizer, max_words=data["max_words"],
                                captions_per_image=data["captions_per_image"], max_captions=cap)
     return images, captions

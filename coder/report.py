@@ -28,7 +28,8 @@ from torch import Tensor
 from .checkpoint import atomic_save, load_checkpoint
 from .concepts import load_concepts
 from .config import ConfigError, from_dict, merge, nest, parse_override, validate
-from .data import collate, demo, tokenize_caption
+from .data import collate, tokenize_caption
+from .demo import scenes as demo
 from .errors import CoderError
 from .evaluation import encode_split, split_datasets
 from .models.model import build_model
@@ -231,7 +232,7 @@ def demo_scenes(root: str | Path, split: str, n_images: int, captions: Sequence[
     """The generator's scenes of a demo split, or None when `root` is not (this version of) demo data.
 
     The demo folder stores no per-image description, so the scenes are drawn again from the MANIFEST's
-    seed (`coder.data.demo.sample_scenes`) and accepted only if they regenerate the split's captions.
+    seed (`coder.demo.scenes.sample_scenes`) and accepted only if they regenerate the split's captions.
     """
     try:
         manifest = json.loads((Path(root) / demo.MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -243,7 +244,7 @@ def demo_scenes(root: str | Path, split: str, n_images: int, captions: Sequence[
     seed = int(manifest["seed"])
     scenes = demo.sample_scenes(seed, split, n_images)
     caption_rng = np.random.default_rng([seed, demo.SPLITS.index(split), 1])  # the generator's caption stream
-    regenerated = [c for s in scenes for c in demo.scene_captions(caption_rng, s)]
+    regenerated = demo.split_captions(caption_rng, scenes, split)
     if regenerated[:len(captions)] != list(captions):
         return None
     return scenes

@@ -12,10 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coder.concepts import build_concepts  # noqa: E402
-from coder.errors import CoderError  # noqa: E402
+from coder.concepts import build_concepts
+from coder.errors import CoderError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from coder.concepts import export_demo_glove  # noqa: E402
+from coder.demo import export_demo_glove
 
 
 def main(argv: list[str] | None = None) -> int:

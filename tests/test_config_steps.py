@@ -13,7 +13,7 @@ import torch
 
 from coder.concepts import build_concepts, read_captions, tokenize
 from coder.config import load_config
-from coder.data.demo import generate_demo_data
+from coder.demo import generate_demo_data
 from coder.engine import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,13 @@ def spy_losses(monkeypatch) -> list[str]:
             return fn(*args, **kwargs)
         return spy
 
-    for name in ("dcl", "triplet", "infonce", "uto_loss"):
+    for name in ("dcl", "triplet", "infonce", "uto"):
         monkeypatch.setattr(objective, name, wrap(name, getattr(objective, name)))
     return calls
 
 
 def check_instance_loss(calls: list[str], expected: str, where: str) -> None:
-    first = {"uto": "uto_loss"}.get(expected, expected)
+    first = expected
     assert calls, f"{where}: no loss function was called"
     assert calls[0] == first, f"{where}: instance loss is {calls[0]}, expected {first} (calls: {calls})"
     if expected in ("dcl", "dcl_implicit"):  # both directions of the instance term
@@ -111,7 +111,7 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def tiny_overrides(root: Path, vocab: Path, bert: str) -> list[str]:
-    return [f"data.root={root}", "data.demo=false", "data.num_workers=0", f"model.text_encoder={bert}",
+    return [f"data.root={root}", "data.num_workers=0", f"model.text_encoder={bert}",
             "model.region_dim=16", "model.embed_dim=32", f"model.concept.vocab={vocab}",
             "model.momentum.queue_size=16", "cluster.k=4", "cluster.iters=3", "train.batch_size=8",
             "train.max_steps_per_epoch=1", "train.epochs=1", "train.device=cpu", "eval.batch_size=20"]

@@ -1,4 +1,4 @@
-"""Tests of the precomp data layer (SPEC §3.1, §3.2): row rules, memmap, augmentations, collate, errors."""
+"""Tests of the precomp data layer: row rules, memmap, augmentations, collate, errors."""
 import os
 import pickle
 

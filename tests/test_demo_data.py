@@ -1,4 +1,4 @@
-"""Tests for the embedded demo data generator (coder/data/demo.py, scripts/make_demo_data.py)."""
+"""Tests for the embedded demo data generator (coder/demo/scenes.py, scripts/make_demo_data.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coder.data import demo
+from coder.demo import scenes as demo
 
 SMALL = dict(seed=0, train_images=20, dev_images=5, test_images=10, region_dim=32)
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""DDP training end to end on CPU (SPEC §1, §4.3, §5): `torch.distributed.run --nproc_per_node=2 train.py`
+"""DDP training end to end on CPU (CODER §3.2 banks, §3.4 k-means): `torch.distributed.run --nproc_per_node=2 train.py`
 with gloo, full CODER (concept branch + PGC k-means, momentum encoders and banks) on tiny data.
 
 The three runs (2 processes, 1 process under the launcher, plain `python train.py`) start together, as
@@ -47,8 +47,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 def write_config(path: Path, root: Path, bert_dir: str) -> Path:
     path.write_text(textwrap.dedent(f"""
-        method: coder
-        data: {{root: {root}, demo: false}}
+        data: {{root: {root}, }}
         model:
           text_encoder: {bert_dir}
           region_dim: 16

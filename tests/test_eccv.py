@@ -113,7 +113,7 @@ def test_evaluate_py_eccv_on_a_coco_shaped_testall(tiny_bert_dir, tmp_path, caps
     """End to end and offline: a tiny model evaluated on a 5,000-image / 25,000-caption testall split."""
     import evaluate
     from coder.config import load_config
-    from coder.data.demo import generate_demo_data
+    from coder.demo import generate_demo_data
     from coder.engine import Trainer
 
     root = generate_demo_data(tmp_path / "coco", seed=0, train_images=16, dev_images=4, test_images=5000,
@@ -121,7 +121,7 @@ def test_evaluate_py_eccv_on_a_coco_shaped_testall(tiny_bert_dir, tmp_path, caps
     for kind in ("ims.npy", "caps.txt"):
         (root / f"testall_{kind}").symlink_to(root / f"test_{kind}")
     cfg = load_config("configs/baselines/coco_vse.yaml", [
-        f"data.root={root}", "data.demo=false", f"model.text_encoder={tiny_bert_dir}", "model.region_dim=8",
+        f"data.root={root}", f"model.text_encoder={tiny_bert_dir}", "model.region_dim=8",
         "model.embed_dim=16", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=1",
         "train.device=cpu", "data.test_split=dev", "eval.batch_size=1000"])
     Trainer(cfg, tmp_path / "run", progress=False).fit()

@@ -1,4 +1,4 @@
-"""scripts/extract_clip_features.py on a tiny random CLIP and generated PNG images (SPEC §3.5)."""
+"""scripts/extract_clip_features.py on a tiny random CLIP and generated PNG images (USER's CGE)."""
 import importlib.util
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Hard inputs (SPEC §3.1, §8): one test per row of the README's "Bad inputs" table, through the real command lines.
+"""Hard inputs: one test per row of the README's "Bad inputs" table, through the real command lines.
 
 Each test makes one bad input, runs `train.main` / `evaluate.main` / `scripts/build_concepts.py` in this
 process, and checks the exit status and that the message matches the row's "What you see" column (the
@@ -68,7 +68,7 @@ def test_every_row_of_the_table_has_a_test():
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def clean_data(tmp_path_factory):
-    from coder.data.demo import generate_demo_data
+    from coder.demo import generate_demo_data
 
     return generate_demo_data(tmp_path_factory.mktemp("clean"), seed=0, train_images=IMAGES, dev_images=2,
                               test_images=2, region_dim=REGION_DIM)
@@ -82,8 +82,7 @@ def data(tmp_path, clean_data) -> Path:
 
 def write_config(path: Path, root: Path, bert_dir: str, epochs: int = 1, steps: int = 2) -> Path:
     path.write_text(textwrap.dedent(f"""
-        method: coder
-        data: {{root: {root}, demo: false}}
+        data: {{root: {root}, }}
         model: {{text_encoder: {bert_dir}, region_dim: {REGION_DIM}, embed_dim: 32}}
         train: {{epochs: {epochs}, batch_size: 4, max_steps_per_epoch: {steps}, device: cpu, log_every: 1,
                  save_every: 0}}

@@ -1,4 +1,4 @@
-"""Leakage (SPEC §4.2): a caption's embedding depends on that caption alone, never on the other captions of
+"""Leakage (CODER §3.2, Eq. 2): a caption's embedding depends on that caption alone, never on the other captions of
 its image or of its batch; the concept branch uses no ground-truth concept labels."""
 import numpy as np
 import pytest

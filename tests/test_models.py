@@ -1,4 +1,4 @@
-"""Aggregators, heads and the text backbone (SPEC §4.1)."""
+"""Aggregators, heads and the text backbone (VSE-infinity's heads, CODER §3.2)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Momentum update, key encoder and FIFO feature queue (SPEC §4.3)."""
+"""Momentum update, key encoder and FIFO feature queue (CODER §3.2, MoCo)."""
 
 import pytest
 import torch

@@ -136,7 +136,7 @@ def test_pgc_labels_are_looked_up_by_dataset_index_in_a_real_step(tiny_coder_dat
 
     root = tiny_coder_data
     cfg = load_config("configs/demo.yaml", [
-        f"data.root={root}", "data.demo=false", f"model.text_encoder={tiny_bert_dir}", "model.text_layers=2",
+        f"data.root={root}", f"model.text_encoder={tiny_bert_dir}", "model.text_layers=2",
         "model.region_dim=16", "model.embed_dim=16", f"model.concept.vocab={root / 'concepts.npz'}",
         "model.momentum.queue_size=16", "cluster.k=7", "train.batch_size=8", "train.max_steps_per_epoch=2",
         "train.epochs=2", "train.device=cpu", "eval.batch_size=20"])

@@ -1,4 +1,4 @@
-"""Resume anywhere (SPEC §8): SIGKILL during a checkpoint write, in the middle of a training step and during
+"""Resume anywhere (README: Resume): SIGKILL during a checkpoint write, in the middle of a training step and during
 validation; `--resume auto` then ends with exactly the metrics and weights of an uninterrupted run.
 
 Kills land at chosen moments through a small wrapper around `train.main` that, at the moment named by
@@ -165,8 +165,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_old_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------- (b) training runs
 def write_config(path: Path, root: Path, bert_dir: str) -> Path:
     path.write_text(textwrap.dedent(f"""
-        method: coder
-        data: {{root: {root}, demo: false}}
+        data: {{root: {root}, }}
         model:
           text_encoder: {bert_dir}
           region_dim: 16

@@ -34,7 +34,7 @@ def make_checkpoint(path: Path, root: Path, bert_dir: str, concept: bool) -> Pat
     from coder.models.model import build_model
     from coder.models.text import load_text_backbone
 
-    cfg = load_config(None, [f"data.root={root}", "data.demo=false", f"model.text_encoder={bert_dir}",
+    cfg = load_config(None, [f"data.root={root}", f"model.text_encoder={bert_dir}",
                              "model.text_layers=2", "model.region_dim=16", "model.embed_dim=32",
                              f"model.concept.enabled={str(concept).lower()}",
                              f"model.concept.vocab={root / 'concepts.npz'}",
@@ -220,7 +220,7 @@ def test_typed_caption_ranks_images_by_its_own_embedding(coder_page, checkpoints
 
 
 def test_page_is_self_contained_and_describes_demo_scenes(coder_page, tiny_coder_data):
-    from coder.data.demo import sample_scenes
+    from coder.demo import sample_scenes
     from coder.report import describe_scene
 
     assert "http" not in coder_page and "<script" not in coder_page and "<link" not in coder_page

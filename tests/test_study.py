@@ -13,7 +13,7 @@ import study  # noqa: E402
 
 
 def write_study(path: Path, data_root: Path, bert: str) -> Path:
-    common = [f"data.root={data_root}", "data.demo=false", f"model.text_encoder={bert}", "model.region_dim=16",
+    common = [f"data.root={data_root}", f"model.text_encoder={bert}", "model.region_dim=16",
               "model.embed_dim=16", "train.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=2",
               "train.device=cpu", "eval.batch_size=20"]
     path.write_text(json.dumps({"seeds": [0, 1], "runs": [

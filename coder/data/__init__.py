@@ -1,4 +1,4 @@
-"""Data: precomputed region features, caption tokenisation and batching (SPEC §3.1, §3.2)."""
+"""Data: precomputed region features, caption tokenisation and batching (SCAN/VSE-infinity precomp format)."""
 from .collate import collate
 from .precomp import DataError, PrecompCaptions, PrecompDataset, PrecompImages, PrecompSplit, drop_regions
 from .text import corrupt_words, tokenize_caption

@@ -1,4 +1,4 @@
-"""Batching of precomp items: pads whatever fields the items carry (SPEC §3.1)."""
+"""Batching of precomp items: pads whatever fields the items carry (precomp format of SCAN/VSE-infinity)."""
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,9 @@
-"""Caption tokenisation with VSE-infinity's word-corruption augmentation (SPEC §3.1, §3.2)."""
+"""Caption tokenisation with VSE-infinity's word-corruption augmentation."""
 from __future__ import annotations
 
 import numpy as np
 
-# Of the corrupted words: 50% -> [MASK], 10% -> random word-pieces, the remaining 40% deleted (SPEC §3.1).
+# Of the corrupted words: 50% -> [MASK], 10% -> random word-pieces, the remaining 40% deleted (precomp format of SCAN/VSE-infinity).
 MASK_SHARE = 0.5
 RANDOM_SHARE = 0.1
 

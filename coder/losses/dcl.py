@@ -1,4 +1,4 @@
-"""Diversity-sensitive contrastive losses of CODER (paper §3.3, Eq. 3-6; SPEC §5).
+"""Diversity-sensitive contrastive losses of CODER (paper §3.3, Eq. 3-6).
 
 `sims` rows are anchors, columns the candidates they are compared with (cosine similarities of
 L2-normalised embeddings). Every function here handles ONE direction; the bidirectional

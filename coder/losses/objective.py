@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from .dcl import dcl, diversity
 from .infonce import infonce
-from .pgc import PrototypeClassifier, pgc_loss
+from .pgc import PrototypeClassifier, pgc
 from .triplet import triplet
-from .uto import uto_loss
+from .uto import uto
 
 
 class Bank(NamedTuple):
@@ -88,7 +88,7 @@ class Objective(nn.Module):
 
     def _uto(self, out: dict[str, Tensor], bank: Bank | None) -> tuple[Tensor, dict, dict]:
         cfg = self.loss
-        total, terms = uto_loss(out["v_i"], out["w_i"], out.get("v_key"), out.get("w_key"),
+        total, terms = uto(out["v_i"], out["w_i"], out.get("v_key"), out.get("w_key"),
                                 bank.v if bank is not None else None, bank.w if bank is not None else None,
                                 alpha=cfg["uto_alpha"], eps=cfg["uto_eps"], lambda_uto=cfg["uto_lambda"])
         return total, terms, {}
@@ -119,7 +119,7 @@ class Objective(nn.Module):
         if self.use_concept_dcl:
             terms["concept"], weights["concept"] = self._concept(out), cfg["concept_weight"]
         if self.prototypes is not None and labels is not None:  # Eq. 7
-            terms["pgc"] = pgc_loss(self.prototypes(out["v_c"]), self.prototypes(out["w_c"]), labels)
+            terms["pgc"] = pgc(self.prototypes(out["v_c"]), self.prototypes(out["w_c"]), labels)
             weights["pgc"] = cfg["pgc_weight"]
         total = sum(weights[name] * term for name, term in terms.items())  # Eq. 8
         return total, terms, diag

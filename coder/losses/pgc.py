@@ -20,17 +20,17 @@ class PrototypeClassifier(nn.Module):
         return self.prototypes(x)
 
 
-def pgc_loss(logits_v: Tensor, logits_w: Tensor, labels: Tensor) -> Tensor:
+def pgc(logits_v: Tensor, logits_w: Tensor, labels: Tensor) -> Tensor:
     """L_PGC = CE(P^C v^C, z) + CE(P^C w^C, z), each averaged over the batch (Eq. 7).
 
     ``labels`` are the prototype ids z of the batch's pairs, read by dataset index by the caller.
     """
     if logits_v.shape != logits_w.shape or logits_v.ndim != 2:
         raise ValueError(
-            f"pgc_loss: logits must both be (B, K); got {tuple(logits_v.shape)} and {tuple(logits_w.shape)}"
+            f"pgc: logits must both be (B, K); got {tuple(logits_v.shape)} and {tuple(logits_w.shape)}"
         )
     if labels.shape != logits_v.shape[:1] or labels.dtype.is_floating_point:
-        raise ValueError(f"pgc_loss: labels must be integer ids of shape ({logits_v.shape[0]},), got "
+        raise ValueError(f"pgc: labels must be integer ids of shape ({logits_v.shape[0]},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
     labels = labels.long()  # ids come from k-means with K clusters; no range check: it would sync every step
     return F.cross_entropy(logits_v, labels) + F.cross_entropy(logits_w, labels)  # Eq. 7

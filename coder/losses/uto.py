@@ -1,4 +1,4 @@
-"""USER's Unified Training Objective (UTO, SPEC §4.4).
+"""USER's Unified Training Objective (UTO, USER).
 
 One direction, anchors n with positive S_n+ and negatives S_nq:
     l_n = log(1 + sum_q exp(alpha (S_nq - eps))) / alpha - log(1 + relu(S_n+))
@@ -46,7 +46,7 @@ def uto_term(sims: Tensor, pos_sims: Tensor | None = None, alpha: float = 90.0, 
     return (negative - torch.log1p(torch.relu(pos))).mean()
 
 
-def uto_loss(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | None = None,
+def uto(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | None = None,
              queue_v: Tensor | None = None, queue_w: Tensor | None = None, alpha: float = 90.0,
              eps: float = 0.5, lambda_uto: float = 20.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Total UTO = lambda_uto * batch + queue.
@@ -57,7 +57,7 @@ def uto_loss(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | 
     Returns (total, detached terms for logging).
     """
     if v.dim() != 2 or v.shape != w.shape:
-        raise ValueError(f"uto_loss: v and w must both be (B, F), got {tuple(v.shape)} and {tuple(w.shape)}")
+        raise ValueError(f"uto: v and w must both be (B, F), got {tuple(v.shape)} and {tuple(w.shape)}")
     sims = v @ w.t()
     batch_i2t = uto_term(sims, alpha=alpha, eps=eps)
     batch_t2i = uto_term(sims.t(), alpha=alpha, eps=eps, with_positive=False)  # the pair's positive counted once
@@ -69,15 +69,15 @@ def uto_loss(v: Tensor, w: Tensor, v_key: Tensor | None = None, w_key: Tensor | 
     given = [name for name, t in queue_inputs.items() if t is not None]
     if given and len(given) != len(queue_inputs):
         missing = [name for name in queue_inputs if name not in given]
-        raise ValueError(f"uto_loss: the queue term needs v_key, w_key, queue_v and queue_w; missing {missing}")
+        raise ValueError(f"uto: the queue term needs v_key, w_key, queue_v and queue_w; missing {missing}")
     if given:
         for name in ("v_key", "w_key"):
             if queue_inputs[name].shape != v.shape:
-                raise ValueError(f"uto_loss: {name} must have shape {tuple(v.shape)}, "
+                raise ValueError(f"uto: {name} must have shape {tuple(v.shape)}, "
                                  f"got {tuple(queue_inputs[name].shape)}")
         for name in ("queue_v", "queue_w"):
             if queue_inputs[name].dim() != 2 or queue_inputs[name].size(1) != v.size(1):
-                raise ValueError(f"uto_loss: {name} must have shape (K, {v.size(1)}), "
+                raise ValueError(f"uto: {name} must have shape (K, {v.size(1)}), "
                                  f"got {tuple(queue_inputs[name].shape)}")
         # image anchors against the caption bank, positive = the paired caption's momentum key; and back
         queue_i2t = uto_term(v @ queue_w.t(), (v * w_key).sum(-1), alpha=alpha, eps=eps)

@@ -1,6 +1,6 @@
 """Feature aggregators g_vis / g_text of Eq. 1: a set of local features (B, L, F) -> one vector (B, F).
 
-`gpo` is VSE-infinity's Generalized Pooling Operator, which CODER's instance branch uses (SPEC §4.1);
+`gpo` is VSE-infinity's Generalized Pooling Operator, which CODER's instance branch uses (§3.2);
 `mean` and `max` are for ablations. All take `lengths` and ignore padded positions.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Projection + aggregation heads (SPEC §4.1): local features -> one L2-normalised embedding (Eq. 1).
+"""Projection + aggregation heads (VSE-infinity's, as CODER §3.2): local features -> one L2-normalised embedding.
 
 The instance branch owns one image head and one text head; the concept branch owns a second, separate
 pair that produces its query vectors v_C^q, w_C^q (§3.2).

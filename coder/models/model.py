@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import ImageHead, TextHead
+from .momentum import MomentumContrast
 from .text import TextBackbone
 
 
@@ -120,44 +121,6 @@ class ITRModel(nn.Module):
             out["v_key"], out["w_key"] = self.momentum.keys(
                 self.image_encoder, self.text_encoder, regions, region_lengths, input_ids, text_lengths, clip)
         return out
-
-
-class MomentumContrast(nn.Module):
-    """Momentum key encoders and the coupled memory banks B_v, B_w (§3.2, SPEC §4.3; MoCo)."""
-
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, dim: int, queue_size: int, m: float):
-        super().__init__()
-        from .momentum import FeatureQueue, make_key_encoder
-
-        self.m = m
-        self.key_image_encoder = make_key_encoder(image_encoder)
-        self.key_text_encoder = make_key_encoder(text_encoder)
-        self.queue_v = FeatureQueue(queue_size, dim)  # B_v: image keys
-        self.queue_w = FeatureQueue(queue_size, dim)  # B_w: text keys
-
-    @torch.no_grad()
-    def keys(self, image_encoder, text_encoder, regions, region_lengths, input_ids, text_lengths, clip=None):
-        """Update the key encoders (theta_k = m theta_k + (1 - m) theta_q), then encode the same batch."""
-        from .momentum import momentum_update
-
-        momentum_update(self.key_image_encoder, image_encoder, self.m)
-        momentum_update(self.key_text_encoder, text_encoder, self.m)
-        v_key = self.key_image_encoder(regions, region_lengths, clip)
-        w_key = self.key_text_encoder(input_ids, text_lengths)[0]
-        return v_key, w_key
-
-    @torch.no_grad()
-    def enqueue(self, v_key: Tensor, w_key: Tensor, image_ids: Tensor) -> None:
-        """FIFO update after the loss step; keys are all-gathered across ranks inside the queue."""
-        self.queue_v.enqueue(v_key, image_ids)
-        self.queue_w.enqueue(w_key, image_ids)
-
-    @torch.no_grad()
-    def encode_pairs(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> Tensor:
-        """x = L2norm(v^I + w^I) from the momentum encoders: the k-means input of PGC (§3.4)."""
-        v = self.key_image_encoder(regions, region_lengths, clip)
-        w = self.key_text_encoder(input_ids, text_lengths)[0]
-        return nn.functional.normalize(v + w, dim=-1)
 
 
 def build_model(cfg: dict, bert: nn.Module) -> ITRModel:

@@ -1,4 +1,4 @@
-"""Momentum (key) encoders and the FIFO memory banks of CODER's M-DCL (paper §3.2; SPEC §4.3; MoCo).
+"""Momentum (key) encoders and the FIFO memory banks of CODER's M-DCL (paper §3.2; MoCo).
 
 Train/eval mode of a key encoder is left to the caller: `make_key_encoder` copies the query's mode
 and nothing here changes it. MoCo runs the key encoder in train mode during training (BatchNorm
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["momentum_update", "make_key_encoder", "FeatureQueue"]
+__all__ = ["momentum_update", "make_key_encoder", "FeatureQueue", "MomentumContrast"]
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -132,3 +132,41 @@ def _all_gather_rows(*tensors: Tensor) -> list[Tensor]:
         dist.all_gather(gathered, padded)
         gathered_tensors.append(torch.cat([g[:n] for g, n in zip(gathered, lengths)]))
     return gathered_tensors
+
+
+class MomentumContrast(nn.Module):
+    """Momentum key encoders and the coupled memory banks B_v, B_w (§3.2; MoCo): the one home of MoCo here."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, dim: int, queue_size: int, m: float):
+        super().__init__()
+        self.m = m
+        self.key_image_encoder = make_key_encoder(image_encoder)
+        self.key_text_encoder = make_key_encoder(text_encoder)
+        self.queue_v = FeatureQueue(queue_size, dim)  # B_v: image keys
+        self.queue_w = FeatureQueue(queue_size, dim)  # B_w: text keys
+
+    @torch.no_grad()
+    def keys(self, image_encoder, text_encoder, regions, region_lengths, input_ids, text_lengths, clip=None):
+        """Update the key encoders (theta_k = m theta_k + (1 - m) theta_q), then encode the same batch."""
+        momentum_update(self.key_image_encoder, image_encoder, self.m)
+        momentum_update(self.key_text_encoder, text_encoder, self.m)
+        v_key = self.key_image_encoder(regions, region_lengths, clip)
+        w_key = self.key_text_encoder(input_ids, text_lengths)[0]
+        return v_key, w_key
+
+    def bank(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The banks as plain tensors for the loss: B_v, B_w and the image id of each entry."""
+        return self.queue_v.features, self.queue_w.features, self.queue_v.ids, self.queue_w.ids
+
+    @torch.no_grad()
+    def enqueue(self, v_key: Tensor, w_key: Tensor, image_ids: Tensor) -> None:
+        """FIFO update after the loss step; keys are all-gathered across ranks inside the queue."""
+        self.queue_v.enqueue(v_key, image_ids)
+        self.queue_w.enqueue(w_key, image_ids)
+
+    @torch.no_grad()
+    def encode_pairs(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> Tensor:
+        """x = L2norm(v^I + w^I) from the momentum encoders: the k-means input of PGC (§3.4)."""
+        v = self.key_image_encoder(regions, region_lengths, clip)
+        w = self.key_text_encoder(input_ids, text_lengths)[0]
+        return nn.functional.normalize(v + w, dim=-1)

@@ -1,4 +1,4 @@
-"""The text backbone: a pretrained BERT (`transformers.BertModel`) read from a local directory (SPEC §3.2).
+"""The text backbone: a pretrained BERT (`transformers.BertModel`) read from a local directory (CODER §4.2).
 
 Nothing is downloaded: `HF_HUB_OFFLINE=1` is set before transformers is imported, and a missing model
 is an error that names the path and how to obtain the weights.

@@ -1,11 +1,11 @@
-"""USER's global-representation based semantic enhancement (GSE) modules (SPEC §4.4).
+"""USER's global-representation based semantic enhancement (GSE) modules (USER).
 
 Both modules enhance the raw region features o (B, L, D) *before* the instance image head of §4.1:
 a global vector g (unit norm) is injected into every region, o_k' = o_k + b_k g, with
 b = L2norm(softmax_k(lambda_att <g, o_k>)).
 
-- SGE (Self-Guided Enhancement) learns g by self-attention over the regions (published design, SPEC §4.4).
-- CGE (CLIP-Guided Enhancement) takes g from a frozen, precomputed CLIP image embedding (SPEC §3.5).
+- SGE (Self-Guided Enhancement) learns g by self-attention over the regions (published design, USER).
+- CGE (CLIP-Guided Enhancement) takes g from a frozen, precomputed CLIP image embedding (USER's CGE).
   The CLIP mapping BN(512) -> Linear(512, F) -> BN -> ReLU -> ... is published; its last layer
   Linear(F, D) and the L2 normalisation are our choice, so the vector can be injected exactly like SGE's g.
 """
@@ -35,7 +35,7 @@ def _check_regions(regions: Tensor, region_dim: int, who: str) -> None:
 
 
 class SelfGuidedEnhancement(nn.Module):
-    """SGE: self-attended global region vector injected into every region (SPEC §4.4).
+    """SGE: self-attended global region vector injected into every region (USER).
 
     The local branch normalises with BatchNorm over the region axis (one statistic per region slot, which
     is why the region count L is fixed); the global branch with BatchNorm over the feature channels.

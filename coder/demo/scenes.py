@@ -1,4 +1,4 @@
-"""Embedded demo data set: synthetic scenes in the precomp format (SPEC §3.1, §3.4, §3.5).
+"""Embedded demo data set: synthetic scenes in the precomp format, with synthetic CLIP rows for USER (data/README.md).
 
 Generative process, per image:
 1. A scene: a subject (a person or an animal, sometimes two or three of the same noun) doing one action
@@ -459,6 +459,17 @@ def clip_features(rng: np.random.Generator, scenes: list[Scene], seed: int) -> n
     return feats + noise * np.float32(CLIP_NOISE_STD / np.sqrt(CLIP_DIM))
 
 
+def split_captions(rng: np.random.Generator, scenes: list[Scene], split: str) -> list[str]:
+    """Every scene's captions in order; evaluation splits hold no caption shared by two images (training may)."""
+    captions: list[str] = []
+    taken: set[str] = set()
+    for scene in scenes:
+        new = scene_captions(rng, scene, taken if split != "train" else frozenset())
+        captions += new
+        taken.update(new)
+    return captions
+
+
 # ---- writing ----------------------------------------------------------------------------------------
 
 def _params(seed: int = 0, train_images: int = 1000, dev_images: int = 100, test_images: int = 1000,
@@ -496,12 +507,7 @@ def generate_demo_data(out: str | os.PathLike, **params: int) -> Path:
         # independent streams per split and per output, so sizes and files do not disturb each other
         caption_rng, feature_rng, clip_rng = (np.random.default_rng([seed, split_index, k]) for k in (1, 2, 3))
         scenes = sample_scenes(seed, split, n)
-        captions: list[str] = []
-        taken: set[str] = set()  # evaluation splits hold no caption shared by two images (training may)
-        for scene in scenes:
-            new = scene_captions(caption_rng, scene, taken if split != "train" else frozenset())
-            captions += new
-            taken.update(new)
+        captions = split_captions(caption_rng, scenes, split)
         np.save(out / f"{split}_ims.npy", region_features(feature_rng, scenes, prototypes))
         np.save(out / f"{split}_clip.npy", clip_features(clip_rng, scenes, seed))
         (out / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")

@@ -1,0 +1,19 @@
+"""The embedded demo data set, prepared like a real one (nanoGPT's data/*/prepare.py): synthetic scenes in
+the precomp format (`scenes`) and a concept vocabulary from authentic GloVe rows (`glove`). The training
+loop never imports this package; `train.py` calls `prepare` when a config says `data.prepare: demo`.
+"""
+from __future__ import annotations
+
+from .glove import ensure_demo_concepts, export_demo_glove
+from .scenes import demo_is_current, ensure_demo_data, generate_demo_data
+
+__all__ = ["prepare", "ensure_demo_data", "generate_demo_data", "demo_is_current", "ensure_demo_concepts",
+           "export_demo_glove"]
+
+
+def prepare(cfg: dict) -> None:
+    """Write the demo data (and, for the concept branch, its vocabulary) into `data.root` unless current."""
+    root = cfg["data"]["root"]
+    ensure_demo_data(root, region_dim=cfg["model"]["region_dim"])
+    if cfg["model"]["concept"]["enabled"]:
+        ensure_demo_concepts(root, cfg["model"]["concept"]["vocab"])
