@@ -1,4 +1,5 @@
 """Config loading, `--set` overrides and validation errors that name the key."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,8 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  batch_size: 0\n", [], "train.batch_size"),
     ("eval:\n  beta: 1.5\n", [], "eval.beta"),
     ("", ["train.lr"], "key=value"),
-    ("data:\n  clip_features: true\nmodel:\n  user:\n    cge: true\n    clip_dim: 768\n", [],
-     "model.user.clip_dim"),  # CGE's input width must match the CLIP file's
+    ("data:\n  demo: true\n", [], "data.demo"),  # a retired key is unknown in a config file
+    ("", ["data.prepare=glove"], "data.prepare"),
 ])
 def test_errors_name_the_key(tmp_path, text, override, match):
     with pytest.raises(ConfigError, match=match):
@@ -84,3 +85,15 @@ def test_every_shipped_config_loads():
         first = path.read_text().splitlines()[0]
         assert first.startswith("#"), f"{path} must open with a comment naming what it reproduces"
         assert cfg["data"]["root"] and cfg["train"]["epochs"] > 0
+
+
+def test_checkpoint_configs_drop_retired_keys_and_gain_new_ones():
+    from coder.config import DEFAULTS, from_dict
+
+    old = copy.deepcopy(DEFAULTS)
+    old["method"] = "vse"
+    old["data"].update({"demo": True, "demo_seed": 0, "clip_dim": 512})
+    del old["loss"]["dcl_positive"]  # written before the key existed
+    cfg = from_dict(old)
+    assert "method" not in cfg and "demo" not in cfg["data"] and "clip_dim" not in cfg["data"]
+    assert cfg["loss"]["dcl_positive"] == DEFAULTS["loss"]["dcl_positive"]
