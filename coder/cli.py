@@ -10,8 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from . import demo
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, from_dict, load_config, merge, nest, parse_override, validate
 from .distributed import cleanup
 from .eccv import format_eccv
@@ -20,6 +22,8 @@ from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .models.model import build_model
 from .models.text import load_text_backbone
+
+PATH_KEYS = ("model.text_encoder", "model.concept.vocab")  # where files are; the weights stay the checkpoint's
 
 TRAIN_HELP = """Train an image-text retrieval model: `python train.py --config configs/demo.yaml [--set key=value ...]`.
 
@@ -32,23 +36,43 @@ Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the check
 
 def train_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/f30k_coder.yaml")
+    parser.add_argument("--config", help="YAML config, e.g. configs/f30k_coder.yaml (not needed with --resume RUN_DIR)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.batch_size=64 (repeatable)")
     parser.add_argument("--output", help="output folder (default runs/<config name>)")
-    parser.add_argument("--resume", help="'auto' (the output folder's checkpoint_last.pth) or a checkpoint path")
+    parser.add_argument("--resume", help="a run folder (its config.yaml and checkpoint_last.pth: nothing else is "
+                        "needed), 'auto' (the output folder's checkpoint_last.pth, if any) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
+    """(config, output folder, resume) from the command line. `--resume RUN_DIR` needs nothing else: the
+    run's own config.yaml (plus any --set, e.g. more epochs) and its checkpoint_last.pth."""
+    if args.resume and Path(args.resume).is_dir():
+        run = Path(args.resume)
+        saved, last = run / "config.yaml", run / "checkpoint_last.pth"
+        if not saved.is_file() or not last.is_file():
+            raise CheckpointError(f"--resume {run}: nothing to resume, expected {saved} and {last}")
+        cfg = from_dict(yaml.safe_load(saved.read_text()))
+        for text in args.overrides:
+            keys, value = parse_override(text)
+            merge(cfg, nest(keys, value))
+        validate(cfg)
+        return cfg, run, "auto"
+    if not args.config:
+        raise ConfigError("--config is required (or --resume RUN_DIR with a run folder)")
+    cfg = load_config(args.config, args.overrides)
+    return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
 
 
 def train_main(argv=None) -> int:
     args = train_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        output = Path(args.output) if args.output else Path("runs") / cfg["name"]
+        cfg, output, resume = resolve_run(args)
         if cfg["data"]["prepare"] == "demo" and os.environ.get("RANK", "0") == "0":
             demo.prepare(cfg)  # the other ranks wait at the Trainer's first barrier
-        Trainer(cfg, output, resume=args.resume, progress=not args.no_progress).fit()
+        Trainer(cfg, output, resume=resume, progress=not args.no_progress).fit()
     except NonFiniteLossError as err:  # an expected way for training to fail: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -68,7 +92,8 @@ def eval_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eccv", action="store_true",
                         help="COCO testall only: also ECCV Caption mAP@R / R-Precision / R@1 and CxC recalls")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a data/eval key, e.g. --set data.root=/data/f30k_precomp")
+                        help="override a data/eval key or a path, e.g. --set data.root=/data/f30k_precomp "
+                             "--set model.text_encoder=/models/bert-base-uncased")
     parser.add_argument("--output", help="where to write eval_<split>.json (default: the checkpoint's folder)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
@@ -82,13 +107,14 @@ def evaluate_main(argv=None) -> int:
         cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
         for text in args.overrides:
             keys, value = parse_override(text)
-            if keys[0] not in ("data", "eval"):
-                raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys, not '{'.'.join(keys)}'")
+            if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:
+                raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys and the paths "
+                                  f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
             merge(cfg, nest(keys, value))
         validate(cfg)
         device = resolve_device(args.device)
         bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
-        model = build_model(cfg, bert).to(device)
+        model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
         model.load_state_dict(ckpt["model"])
         split = args.split or cfg["data"]["test_split"]
         result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,

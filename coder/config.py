@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "text_layers": None,  # keep only the first N transformer layers (None = all)
         "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
             "enabled": False,
-            "vocab": "",  # concepts.npz from scripts/build_concepts.py
+            "vocab": "",  # concepts.npz from scripts/build_concepts.py; "" = <data.root>/concepts.npz
             "gcn_hidden": 512,
             "smoothness": 10.0,  # lambda in Eq. 2
         },
@@ -278,6 +278,11 @@ def validate(cfg: dict) -> None:
         raise ConfigError(
             "config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)"
         )
+
+
+def concept_vocab_path(cfg: dict) -> str:
+    """`model.concept.vocab`, or `<data.root>/concepts.npz` when it is empty: the vocabulary follows the data."""
+    return cfg["model"]["concept"]["vocab"] or str(Path(cfg["data"]["root"]) / "concepts.npz")
 
 
 def dump(cfg: dict) -> str:

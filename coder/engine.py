@@ -28,7 +28,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .clustering import label_training_pairs
-from .config import ConfigError, dump
+from .config import ConfigError, dump, from_dict
 from .data import PrecompDataset, collate
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
@@ -137,12 +137,15 @@ class Trainer:
         self.centroids: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.writer = None
-        if dist.is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump(cfg))
-            self.writer = SummaryWriter(str(self.out_dir))
         if resume:
             self._resume(resume)
+        if dist.is_main():  # after the resume check: a refused resume leaves the run folder as it was
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump(cfg))
+            # purge_step: events a killed run logged after its last checkpoint are dropped, not shown twice
+            self.writer = SummaryWriter(str(self.out_dir), purge_step=self.global_step or None)
+            if self.global_step == 0:
+                self.writer.add_text("config", "```yaml\n" + dump(cfg) + "```", 0)  # the resolved hyper-parameters
 
     # ------------------------------------------------------------------------------------ building
     def _build_data(self) -> None:
@@ -201,9 +204,11 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         path = self.out_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
         if resume == "auto" and not path.exists():
-            return  # nothing to resume: a fresh run
+            if dist.is_main():
+                print(f"--resume auto: no {path} yet, starting a fresh run")
+            return
         ckpt = load_checkpoint(path, map_location=self.device)
-        diffs = config_differences(ckpt["config"], self.cfg)
+        diffs = config_differences(from_dict(ckpt["config"]), self.cfg)
         if diffs:
             raise CheckpointError(f"checkpoint {path} was trained with a different config; keys that differ: "
                                   + "; ".join(diffs))

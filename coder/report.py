@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_save, load_checkpoint
 from .concepts import load_concepts
-from .config import ConfigError, from_dict, merge, nest, parse_override, validate
+from .config import ConfigError, concept_vocab_path, from_dict, merge, nest, parse_override, validate
 from .data import collate, tokenize_caption
 from .demo import scenes as demo
 from .errors import CoderError
@@ -547,7 +547,7 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
                  captions=captions_ds.files.captions, image_label=labels, concept_branch=concept_branch)
 
     if concept_branch:
-        vocab = load_concepts(cfg["model"]["concept"]["vocab"])
+        vocab = load_concepts(concept_vocab_path(cfg))
         words = vocab.words
         # the checkpoint keeps the GloVe rows X it was trained with (§3.2): the words must be those rows'
         glove, trained = torch.as_tensor(vocab.glove), model.concept.gcn.word_vectors.cpu()

@@ -1,5 +1,7 @@
 """End to end on a small generated set: training learns, resume is exact, evaluate.py reproduces train.py."""
 import json
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,55 @@ def test_resume_refuses_a_different_config(small_data, tiny_bert_dir, tmp_path):
     other = small_config(small_data, tiny_bert_dir, "train.epochs=1", "loss.margin=0.3")
     with pytest.raises(CheckpointError, match="loss.margin"):
         Trainer(other, tmp_path, resume="auto", progress=False)
+
+
+def test_a_checkpoint_evaluates_anywhere_with_only_the_text_encoder(tiny_coder_data, tiny_bert_dir, tmp_path):
+    """Train a tiny CODER (concept branch on) with the data and vocabulary in one place, move the run folder
+    and a copy of the data elsewhere without concepts.npz, and evaluate there: the concept basis comes from the
+    checkpoint's buffers, the text encoder from --set model.text_encoder."""
+    import shutil
+
+    import evaluate
+
+    data = Path(shutil.copytree(tiny_coder_data, tmp_path / "data"))
+    cfg = load_config("configs/demo.yaml", [
+        f"data.root={data}", "data.prepare=", f"model.text_encoder={tiny_bert_dir}", "model.text_layers=2",
+        "model.region_dim=16", "model.embed_dim=16", "model.momentum.queue_size=16", "cluster.k=7",
+        "train.batch_size=8", "train.max_steps_per_epoch=2", "train.epochs=2", "train.device=cpu",
+        "eval.batch_size=20"])
+    trained = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    moved = Path(shutil.move(str(tmp_path / "run"), str(tmp_path / "elsewhere" / "run")))
+    other_data = Path(shutil.move(str(data), str(tmp_path / "elsewhere" / "data")))
+    (other_data / "concepts.npz").unlink()
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "elsewhere" / "bert"))
+    assert evaluate.main(["--checkpoint", str(moved / "model_best.pth"), "--set", f"data.root={other_data}",
+                          "--set", f"model.text_encoder={bert}", "--device", "cpu", "--no-progress"]) == 0
+    evaluated = json.loads((moved / "eval_test.json").read_text())
+    assert evaluated["rsum"] == pytest.approx(trained["rsum"], abs=1e-9)
+    assert evaluated["concept"]["rsum"] == pytest.approx(trained["concept"]["rsum"], abs=1e-9)
+
+
+def test_resume_by_run_folder_alone(tiny_coder_data, tiny_bert_dir, tmp_path, capsys):
+    """`train.py --resume RUN_DIR` needs no --config, --set or --output again (only a longer schedule here),
+    and ends where the uninterrupted run ends; a folder with nothing to resume is a clear error."""
+    import train
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(textwrap.dedent(f"""
+        data: {{root: {tiny_coder_data}}}
+        model: {{text_encoder: {tiny_bert_dir}, region_dim: 16, embed_dim: 16}}
+        train: {{epochs: 2, batch_size: 8, max_steps_per_epoch: 2, device: cpu, save_every: 0,
+                 deterministic: true}}
+        eval: {{batch_size: 20}}
+        """))
+    assert train.main(["--config", str(config), "--output", str(tmp_path / "full"), "--no-progress"]) == 0
+    assert train.main(["--config", str(config), "--output", str(tmp_path / "part"), "--no-progress",
+                       "--set", "train.epochs=1"]) == 0
+    assert train.main(["--resume", str(tmp_path / "part"), "--set", "train.epochs=2", "--no-progress"]) == 0
+    full = json.loads((tmp_path / "full" / "eval_test.json").read_text())
+    part = json.loads((tmp_path / "part" / "eval_test.json").read_text())
+    assert part["rsum"] == full["rsum"] and part["i2t"] == full["i2t"] and part["t2i"] == full["t2i"]
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--resume", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err

@@ -4,6 +4,7 @@ loop never imports this package; `train.py` calls `prepare` when a config says `
 """
 from __future__ import annotations
 
+from ..config import concept_vocab_path
 from .glove import ensure_demo_concepts, export_demo_glove
 from .scenes import demo_is_current, ensure_demo_data, generate_demo_data
 
@@ -16,4 +17,4 @@ def prepare(cfg: dict) -> None:
     root = cfg["data"]["root"]
     ensure_demo_data(root, region_dim=cfg["model"]["region_dim"])
     if cfg["model"]["concept"]["enabled"]:
-        ensure_demo_concepts(root, cfg["model"]["concept"]["vocab"])
+        ensure_demo_concepts(root, concept_vocab_path(cfg))

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..concepts import load_concepts
+from ..config import concept_vocab_path
 from .heads import ImageHead, TextHead
 from .momentum import MomentumContrast
 from .text import TextBackbone
@@ -123,13 +125,17 @@ class ITRModel(nn.Module):
         return out
 
 
-def build_model(cfg: dict, bert: nn.Module) -> ITRModel:
-    """The model of a resolved config (`cfg` is the whole config); reads the concept vocabulary file."""
+def build_model(cfg: dict, bert: nn.Module, state_dict: dict | None = None) -> ITRModel:
+    """The model of a resolved config (`cfg` is the whole config). The concept branch reads the vocabulary
+    file, unless `state_dict` (a checkpoint's) already holds its fixed buffers X and A_hat: then only their
+    shapes are needed here and `load_state_dict` fills them, so a checkpoint evaluates anywhere."""
     model_cfg = cfg["model"]
     vocab = None
     if model_cfg["concept"]["enabled"]:
-        from ..concepts import load_concepts
-
-        concepts = load_concepts(model_cfg["concept"]["vocab"])
-        vocab = {"counts": concepts.counts, "cooccurrence": concepts.cooccurrence, "glove": concepts.glove}
+        if state_dict is not None and "concept.gcn.word_vectors" in state_dict:
+            g, d = state_dict["concept.gcn.word_vectors"].shape
+            vocab = {"counts": np.ones(g), "cooccurrence": np.zeros((g, g)), "glove": np.zeros((g, d), np.float32)}
+        else:
+            concepts = load_concepts(concept_vocab_path(cfg))
+            vocab = {"counts": concepts.counts, "cooccurrence": concepts.cooccurrence, "glove": concepts.glove}
     return ITRModel(model_cfg, bert, vocab)
