@@ -6,6 +6,8 @@ non-finite loss: 1). Every other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -84,6 +86,17 @@ def train_main(argv=None) -> int:
     return 0
 
 
+def result_name(split: str, checkpoint: str | Path) -> str:
+    """eval_<split>.json for model_best.pth (what train.py writes), eval_<split>_<stem>.json for any other
+    checkpoint, so evaluating checkpoint_last.pth never overwrites the best model's results."""
+    stem = Path(checkpoint).stem
+    return f"eval_{split}.json" if stem == "model_best" else f"eval_{split}_{stem}.json"
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def eval_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model_best.pth or checkpoint_last.pth")
@@ -119,9 +132,11 @@ def evaluate_main(argv=None) -> int:
         split = args.split or cfg["data"]["test_split"]
         result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,
                                 fold5=True if args.fold5 else None, eccv=args.eccv)
+        result["checkpoint"] = {"path": str(Path(args.checkpoint).resolve()), "epoch": ckpt.get("epoch"),
+                                "config_sha256": config_hash(cfg)}
         out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / f"eval_{split}.json", result)
+        write_json(out_dir / result_name(split, args.checkpoint), result)
         print(f"{args.checkpoint}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
         if "eccv" in result:
             print(format_eccv(result["eccv"]))

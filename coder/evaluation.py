@@ -26,6 +26,10 @@ from .errors import CoderError
 RECALL_KS = (1, 5, 10)
 
 
+class EvaluationError(CoderError, ValueError):
+    """An evaluation protocol asked of a split it does not fit."""
+
+
 class NonFiniteScoresError(CoderError, ValueError):
     """Embeddings or similarities hold NaN/inf: a diverged model has no recall to report."""
 
@@ -326,6 +330,9 @@ def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bo
     ecfg = cfg["eval"]
     if fold5 is None:
         fold5 = cfg["data"]["dataset"] == "coco" and ecfg["fold5"] and len(images) >= 5000
+    elif fold5 and len(images) != 5000:
+        raise EvaluationError(f"--fold5 is COCO's protocol (five 1K folds of the 5,000 testall images); split "
+                              f"'{split}' of {cfg['data']['root']} has {len(images)} images")
     result = evaluate_model(model, images, captions, device, beta=ecfg["beta"], fold5=fold5,
                             captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
                             chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],

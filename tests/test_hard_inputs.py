@@ -9,6 +9,7 @@ import errno
 import hashlib
 import importlib.util
 import io
+import json
 import re
 import shutil
 import textwrap
@@ -385,6 +386,23 @@ def test_non_finite_embeddings_at_evaluation(capsys, monkeypatch, tmp_path, trai
     monkeypatch.setattr(ITRModel, "encode_text", nan_captions)
     err = train_fails(capsys, config, tmp_path)
     assert_message("NaN or inf in the embeddings at evaluation", err)
+
+
+@row("`evaluate.py --fold5` on a split that is not 5,000 images")
+def test_fold5_needs_5000_images(capsys, trained):
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--fold5")
+    assert code == 2
+    assert_message("`evaluate.py --fold5` on a split that is not 5,000 images", err)
+
+
+def test_evaluating_checkpoint_last_keeps_the_best_models_results(capsys, tmp_path, trained):
+    run = Path(shutil.copytree(trained[1], tmp_path / "run"))
+    best = (run / "eval_test.json").read_bytes()
+    assert run_evaluate(capsys, run / "checkpoint_last.pth")[0] == 0
+    assert (run / "eval_test.json").read_bytes() == best
+    last = json.loads((run / "eval_test_checkpoint_last.json").read_text())
+    assert last["checkpoint"]["path"].endswith("checkpoint_last.pth") and last["checkpoint"]["epoch"] == 1
+    assert len(last["checkpoint"]["config_sha256"]) == 16
 
 
 @row("`evaluate.py --eccv` on a split that is not COCO's 5K test")
