@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,25 +131,39 @@ def _penn_to_pos(tag: str) -> str | None:
     return None
 
 
+NLTK_HINT = ("pip install nltk, then on a machine with network: python -m nltk.downloader "
+             "averaged_perceptron_tagger_eng (copy ~/nltk_data to an offline machine, or set NLTK_DATA)")
+
+
 def nltk_tagger():
     """``nltk.pos_tag_sents`` if nltk and its tagger data are installed, else None (nothing downloads)."""
+    return _nltk_tagger()[0]
+
+
+def _nltk_tagger():
+    """(tagger or None, why not): the reason names the missing package or data file."""
     try:
         import nltk
 
         nltk.pos_tag_sents([["a", "dog"]])
-    except (ImportError, LookupError):
-        return None
-    return nltk.pos_tag_sents
+    except ImportError as err:
+        return None, f"nltk is not installed ({err})"
+    except LookupError as err:
+        return None, "nltk's tagger data is missing: " + " ".join(str(err).split())[:300]
+    return nltk.pos_tag_sents, ""
 
 
 def tag_words(tokenized: Sequence[Sequence[str]], method: str = "auto") -> tuple[dict[str, str], str]:
     """Map every word of the captions to noun/adj/verb (stop words left out); returns (tags, method)."""
     if method not in ("auto", "heuristic", "nltk"):
         raise ConceptError(f"pos method must be auto, heuristic or nltk, got {method!r}")
-    pos_tag_sents = nltk_tagger() if method != "heuristic" else None
+    pos_tag_sents, why = _nltk_tagger() if method != "heuristic" else (None, "")
     if method == "nltk" and pos_tag_sents is None:
-        raise ConceptError("pos method 'nltk' asked for, but nltk or its tagger data is not installed")
+        raise ConceptError(f"pos method 'nltk' asked for, but {why}; {NLTK_HINT}")
     if pos_tag_sents is None:
+        if method == "auto":  # never silent: the heuristic tags e.g. "waves" in "a woman waves" as a noun
+            print(f"warning: POS tagging falls back to a suffix heuristic because {why}. For a real tagger: "
+                  f"{NLTK_HINT}. The method used is stored in concepts.json (pos_method).", file=sys.stderr)
         tags = {w: heuristic_pos(w) for w in {w for tokens in tokenized for w in tokens}}
         return {w: p for w, p in tags.items() if p is not None}, "heuristic"
     # Majority Penn tag of each word over all its occurrences (ties: first seen).
