@@ -55,6 +55,19 @@ DEFAULTS: dict[str, Any] = {
             "vocab": "",  # concepts.npz from scripts/build_concepts.py
             "gcn_hidden": 512,
             "smoothness": 10.0,  # lambda in Eq. 2
+            # §3.2's "concept-level feature encoders" (Fig. 2(b)), which Eq. 2 does not show: none = Eq. 2 as
+            # printed (q^T W y); cvse = tanh(BN(Linear)) on the query and on Y before scoring, as CVSE [49]
+            "encoder": "none",
+            # Eq. 2's score: bilinear = q^T W y with W in R^{F x F} as printed; cvse = CVSE's [49] w^T (q * y) + b
+            "score": "bilinear",
+            "learn_smoothness": False,  # Eq. 2's lambda trained (from `smoothness`) instead of fixed
+            # §3.2's query features v_C^q, w_C^q: heads = "another group of feature aggregators" as written;
+            # instance = the instance embeddings v^I, w^I (CVSE's [49] consensus queries)
+            "query_source": "heads",
+            # §3.2 / Eq. 8: L_DCL^C and L_PGC do not train what the query is read from (BERT states or v^I, w^I)
+            "detach_query": False,
+            # Eq. 2: W^w is the same parameter (and encoders) as W^v instead of a separate one
+            "share_query": False,
         },
         "momentum": {  # coupled momentum encoders and memory banks (§3.2, MoCo)
             "enabled": False,
@@ -233,6 +246,9 @@ _CHOICES = {
     "method": ("coder", "vse", "user"),
     "data.dataset": ("f30k", "coco"),
     "model.aggregator": ("gpo", "mean", "max"),
+    "model.concept.encoder": ("none", "cvse"),
+    "model.concept.score": ("bilinear", "cvse"),
+    "model.concept.query_source": ("heads", "instance"),
     "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
     "loss.dcl_positive": ("paper", "unscaled"),
     "train.optimizer": ("adam", "adamw"),
