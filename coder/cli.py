@@ -130,8 +130,10 @@ def evaluate_main(argv=None) -> int:
         model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
         model.load_state_dict(ckpt["model"])
         split = args.split or cfg["data"]["test_split"]
+        chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in args.overrides)
+        beta = None if chosen else ckpt.get("beta")  # the fusion weight picked on dev in training, if any
         result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,
-                                fold5=True if args.fold5 else None, eccv=args.eccv)
+                                fold5=True if args.fold5 else None, eccv=args.eccv, beta=beta)
         result["checkpoint"] = {"path": str(Path(args.checkpoint).resolve()), "epoch": ckpt.get("epoch"),
                                 "config_sha256": config_hash(cfg)}
         out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent

@@ -50,6 +50,19 @@ DEFAULTS: dict[str, Any] = {
             "vocab": "",  # concepts.npz from scripts/build_concepts.py; "" = <data.root>/concepts.npz
             "gcn_hidden": 512,
             "smoothness": 10.0,  # lambda in Eq. 2
+            # §3.2's "concept-level feature encoders" (Fig. 2(b)), which Eq. 2 does not show: none = Eq. 2 as
+            # printed (q^T W y); cvse = tanh(BN(Linear)) on the query and on Y before scoring, as CVSE [49]
+            "encoder": "none",
+            # Eq. 2's score: bilinear = q^T W y with W in R^{F x F} as printed; cvse = CVSE's [49] w^T (q * y) + b
+            "score": "bilinear",
+            "learn_smoothness": False,  # Eq. 2's lambda trained (from `smoothness`) instead of fixed
+            # §3.2's query features v_C^q, w_C^q: heads = "another group of feature aggregators" as written;
+            # instance = the instance embeddings v^I, w^I (CVSE's [49] consensus queries)
+            "query_source": "heads",
+            # §3.2 / Eq. 8: L_DCL^C and L_PGC do not train what the query is read from (BERT states or v^I, w^I)
+            "detach_query": False,
+            # Eq. 2: W^w is the same parameter (and encoders) as W^v instead of a separate one
+            "share_query": False,
         },
         "momentum": {  # coupled momentum encoders and memory banks (§3.2, MoCo)
             "enabled": False,
@@ -115,6 +128,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "beta": 0.9,  # fused similarity weight (§3.5); instance-only models use 1
+        "beta_grid": [],  # non-empty: training picks beta from these by dev R@sum and stores it with the model
         "batch_size": 256,
         "chunk_size": 1000,  # images per similarity chunk: bounds memory of 5K x 25K
         "fold5": True,  # COCO testall: report 5-fold 1K (averaged) and 5K
@@ -243,6 +257,9 @@ _CHOICES = {
     "data.prepare": ("", "demo"),
     "data.dataset": ("f30k", "coco"),
     "model.aggregator": ("gpo", "mean", "max"),
+    "model.concept.encoder": ("none", "cvse"),
+    "model.concept.score": ("bilinear", "cvse"),
+    "model.concept.query_source": ("heads", "instance"),
     "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
     "loss.dcl_positive": ("paper", "unscaled"),
     "train.optimizer": ("adam", "adamw"),
@@ -265,6 +282,8 @@ def validate(cfg: dict) -> None:
     for key in ("train.epochs", "train.batch_size", "model.embed_dim", "model.momentum.queue_size", "cluster.k"):
         if get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")
+    if any(not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0 for b in cfg["eval"]["beta_grid"]):
+        raise ConfigError(f"config key 'eval.beta_grid' must list numbers in [0, 1], got {cfg['eval']['beta_grid']}")
     if not 0.0 <= cfg["eval"]["beta"] <= 1.0:
         raise ConfigError(f"config key 'eval.beta' must be in [0, 1], got {cfg['eval']['beta']}")
     if not 0.0 <= cfg["model"]["momentum"]["m"] < 1.0:

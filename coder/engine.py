@@ -134,6 +134,7 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
+        self.best_beta = self.val_beta = cfg["eval"]["beta"]  # the fusion weight (§3.5) of the best model
         self.centroids: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.writer = None
@@ -187,7 +188,8 @@ class Trainer:
             "model": self.model.state_dict(), "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_rsum": self.best_rsum, "best_epoch": self.best_epoch,
-            "rng": rng_state(), "kmeans": {"centroids": self.centroids, "labels": self.labels},
+            "best_beta": self.best_beta, "rng": rng_state(),
+            "kmeans": {"centroids": self.centroids, "labels": self.labels},
         }
 
     def save_last(self) -> None:
@@ -198,7 +200,7 @@ class Trainer:
         if dist.is_main():
             state = {"format": "coder", "version": FORMAT_VERSION, "config": self.cfg,
                      "model": self.model.state_dict(), "objective": self.objective.state_dict(),
-                     "epoch": self.epoch, "best_rsum": self.best_rsum}
+                     "epoch": self.epoch, "best_rsum": self.best_rsum, "beta": self.best_beta}
             atomic_save(state, self.out_dir / "model_best.pth")
 
     def _resume(self, resume: str) -> None:
@@ -217,6 +219,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.best_rsum, self.best_epoch = ckpt["best_rsum"], ckpt["best_epoch"]
+        self.best_beta = ckpt.get("best_beta", self.best_beta)
         self.centroids, self.labels = ckpt["kmeans"]["centroids"], ckpt["kmeans"]["labels"]
         set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ckpt["rng"].items()})
         if dist.is_main():
@@ -346,8 +349,10 @@ class Trainer:
         score = torch.zeros((), dtype=torch.float64, device=self.device)
         if dist.is_main():
             result = evaluate_split(self.model, self.cfg, self.tokenizer, self.cfg["data"]["val_split"],
-                                    self.device, progress=self.progress, branches=False)
+                                    self.device, progress=self.progress, branches=False, select_beta=True)
             score.fill_(result["rsum"])
+            self.val_beta = result["beta"]
+            self.writer.add_scalar("dev/beta", result["beta"], epoch)
             for d in ("i2t", "t2i"):
                 for m in ("r1", "r5", "r10"):
                     self.writer.add_scalar(f"dev/{d}_{m}", result[d][m], epoch)
@@ -372,7 +377,7 @@ class Trainer:
             rsum = self.validate(epoch) if (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or \
                 epoch + 1 == epochs else -1.0
             if rsum > self.best_rsum:
-                self.best_rsum, self.best_epoch = rsum, epoch
+                self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
             bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
             self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -388,7 +393,8 @@ class Trainer:
         best = load_checkpoint(self.out_dir / "model_best.pth", map_location=self.device)
         self.model.load_state_dict(best["model"])
         split = self.cfg["data"]["test_split"]
-        result = evaluate_split(self.model, self.cfg, self.tokenizer, split, self.device, self.progress)
+        result = evaluate_split(self.model, self.cfg, self.tokenizer, split, self.device, self.progress,
+                                beta=best.get("beta"))
         result["best_epoch"], result["best_dev_rsum"] = self.best_epoch, self.best_rsum
         write_json(self.out_dir / f"eval_{split}.json", result)
         print(f"\n{self.cfg['name']}: {split} ({self.cfg['data']['dataset']}), best epoch {self.best_epoch}\n"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -255,15 +255,21 @@ def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_
 def evaluate_model(model, images_ds, captions_ds, device, *, beta: float = 0.9, fold5: bool = False,
                    captions_per_image: int = 5, batch_size: int = 256, chunk_size: int = 1000,
                    num_workers: int = 0, progress: bool = True, branches: bool = False, amp: bool = False,
-                   eccv: bool = False) -> dict:
+                   eccv: bool = False, beta_grid: Sequence[float] = ()) -> dict:
     """Encode a split and rank it. With `branches`, concept models also get instance-only and
     concept-only rows (keys `instance`, `concept`); with `eccv` (COCO testall only), ECCV Caption and CxC
-    metrics (key `eccv`). Non-finite embeddings raise `NonFiniteScoresError`."""
+    metrics (key `eccv`). With `beta_grid` (concept models), the fusion weight is the grid's value of highest
+    R@sum on this split (use it on dev only), stored as `beta`. Non-finite embeddings raise
+    `NonFiniteScoresError`."""
     t0 = time.perf_counter()
     emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress, amp)
     check_finite(emb)
     t1 = time.perf_counter()
+    if beta_grid and "v_c" in emb:  # the first best in grid order
+        scores = [evaluate_embeddings(emb, b, captions_per_image, fold5, chunk_size)["rsum"] for b in beta_grid]
+        beta = beta_grid[scores.index(max(scores))]
     result = evaluate_embeddings(emb, beta, captions_per_image, fold5, chunk_size)
+    result["beta"] = beta if "v_c" in emb else 1.0
     t2 = time.perf_counter()
     if branches and "v_c" in emb:
         result["instance"] = evaluate_embeddings(emb, 1.0, captions_per_image, fold5, chunk_size)
@@ -322,7 +328,8 @@ def split_datasets(cfg: dict, tokenizer, split: str):
 
 
 def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bool = True,
-                   fold5: bool | None = None, branches: bool = True, eccv: bool = False) -> dict:
+                   fold5: bool | None = None, branches: bool = True, eccv: bool = False,
+                   beta: float | None = None, select_beta: bool = False) -> dict:
     """The dataset's protocol on a split, as in training's dev evaluation and at test time: COCO testall gets
     5-fold 1K (averaged) and 5K; otherwise all images. The same call serves `train.py` and `evaluate.py`, so
     both report the same numbers for the same checkpoint."""
@@ -333,10 +340,10 @@ def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bo
     elif fold5 and len(images) != 5000:
         raise EvaluationError(f"--fold5 is COCO's protocol (five 1K folds of the 5,000 testall images); split "
                               f"'{split}' of {cfg['data']['root']} has {len(images)} images")
-    result = evaluate_model(model, images, captions, device, beta=ecfg["beta"], fold5=fold5,
+    result = evaluate_model(model, images, captions, device, beta=ecfg["beta"] if beta is None else beta, fold5=fold5,
                             captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
                             chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],
-                            eccv=eccv)
+                            eccv=eccv, beta_grid=ecfg["beta_grid"] if select_beta else ())
     result["split"], result["dataset"] = split, cfg["data"]["dataset"]
     texts = getattr(getattr(captions, "files", None), "captions", None)
     if texts is not None:

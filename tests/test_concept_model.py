@@ -1,4 +1,4 @@
-"""Concept branch: adjacency (SPEC §3.3), GCN (SPEC §4.2), Eq. 2 query, Eq. 7 PGC loss."""
+"""Concept branch: adjacency (CVSE's graph), GCN (§3.2), Eq. 2 query, Eq. 7 PGC loss."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from coder.losses.pgc import PrototypeClassifier, pgc_loss
+from coder.losses.pgc import PrototypeClassifier, pgc
 from coder.models.concept import ConceptGCN, ConceptQuery, normalized_adjacency
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "cvse_concepts"
@@ -25,7 +25,7 @@ def random_stats(g: int, n_captions: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def adjacency_loop(counts: np.ndarray, cooc: np.ndarray) -> np.ndarray:
-    """SPEC §3.3 re-derived element by element in float64."""
+    """The adjacency re-derived element by element in float64."""
     g = len(counts)
     b = np.zeros((g, g))
     for i in range(g):
@@ -167,7 +167,7 @@ def test_pgc_loss_matches_loop():
         for b in range(6):
             row = logits[b].double()
             want += (-(row[z[b]] - torch.log(torch.exp(row).sum()))).item() / 6
-    np.testing.assert_allclose(pgc_loss(lv, lw, z).item(), want, rtol=1e-6)
+    np.testing.assert_allclose(pgc(lv, lw, z).item(), want, rtol=1e-6)
 
 
 def test_pgc_labels_read_by_dataset_index():
@@ -177,18 +177,127 @@ def test_pgc_labels_read_by_dataset_index():
     label_table = torch.randint(0, 13, (50,))  # k-means labels of the whole training set
     v, w = torch.randn(50, 8), torch.randn(50, 8)  # concept embeddings per dataset item
     index = torch.tensor([3, 17, 42, 8, 29])
-    loss = pgc_loss(classifier(v[index]), classifier(w[index]), label_table[index])
+    loss = pgc(classifier(v[index]), classifier(w[index]), label_table[index])
     shuffled = index[torch.tensor([4, 2, 0, 3, 1])]
-    loss_shuffled = pgc_loss(classifier(v[shuffled]), classifier(w[shuffled]), label_table[shuffled])
+    loss_shuffled = pgc(classifier(v[shuffled]), classifier(w[shuffled]), label_table[shuffled])
     assert torch.allclose(loss, loss_shuffled, rtol=1e-6, atol=0)
-    wrong = pgc_loss(classifier(v[shuffled]), classifier(w[shuffled]), label_table[index])  # positional
+    wrong = pgc(classifier(v[shuffled]), classifier(w[shuffled]), label_table[index])  # positional
     assert not torch.allclose(loss, wrong)
 
 
 def test_pgc_rejects_bad_labels():
     with pytest.raises(IndexError):  # out-of-range ids fail in cross-entropy itself (no per-step sync)
-        pgc_loss(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 4]))
+        pgc(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="integer ids"):
-        pgc_loss(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0.0, 1.0]))
+        pgc(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"\(B, K\)"):
-        pgc_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]))
+        pgc(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]))
+
+
+def _bn_tanh_float64(x: torch.Tensor, enc) -> torch.Tensor:
+    """tanh(BN(Linear(x))) re-derived in float64 with training-mode (biased) batch statistics."""
+    h = x.double() @ enc.fc.weight.detach().double().T + enc.fc.bias.detach().double()
+    mean = h.mean(0)
+    var = ((h - mean) ** 2).mean(0)
+    h = (h - mean) / torch.sqrt(var + enc.bn.eps)
+    return torch.tanh(h * enc.bn.weight.detach().double() + enc.bn.bias.detach().double())
+
+
+@pytest.mark.parametrize("score", ["bilinear", "cvse"])
+def test_query_with_cvse_encoders_matches_float64(score: str):
+    torch.manual_seed(0)
+    query = ConceptQuery(dim=6, smoothness=3.0, encoder="cvse", score=score)
+    with torch.no_grad():  # non-trivial affine BN parameters, so a dropped term would show
+        for enc in (query.query_encoder, query.basis_encoder):
+            enc.bn.weight.uniform_(0.5, 1.5)
+            enc.bn.bias.uniform_(-0.3, 0.3)
+    q, y = torch.randn(5, 6), torch.nn.functional.normalize(torch.randn(9, 6), dim=1)
+    query.train()
+    v, a = query(q, y, return_weights=True)
+    qe, ye = _bn_tanh_float64(q, query.query_encoder), _bn_tanh_float64(y, query.basis_encoder)
+    if score == "bilinear":
+        scores = qe @ query.weight.detach().double() @ ye.T
+    else:
+        w, b = query.scorer.weight.detach().double()[0], query.scorer.bias.detach().double()[0]
+        scores = torch.stack([torch.stack([(qe[i] * ye[j] * w).sum() + b for j in range(9)]) for i in range(5)])
+    want_a = torch.softmax(3.0 * scores, dim=1)
+    want_v = want_a @ y.double()  # v^C combines the SCC rows themselves, not the encoded ones
+    want_v = want_v / want_v.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(a.detach().double(), want_a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v.detach().double(), want_v, rtol=1e-5, atol=1e-6)
+    assert 0.05 < float(want_a.std()) and float(want_a.max()) < 0.99  # neither uniform nor one-hot
+    v.sum().backward()  # every new parameter is trained
+    for enc in (query.query_encoder, query.basis_encoder):
+        assert enc.fc.weight.grad is not None and enc.bn.weight.grad is not None
+
+
+def test_query_learnable_smoothness():
+    torch.manual_seed(0)
+    fixed = ConceptQuery(dim=4, smoothness=10.0)
+    assert "log_smoothness" not in dict(fixed.named_parameters())
+    assert abs(float(fixed.smoothness) - 10.0) < 1e-5
+    learned = ConceptQuery(dim=4, smoothness=10.0, learn_smoothness=True)
+    assert abs(float(learned.smoothness) - 10.0) < 1e-5
+    learned(torch.randn(3, 4), torch.nn.functional.normalize(torch.randn(5, 4), dim=1)).sum().backward()
+    assert learned.log_smoothness.grad is not None and torch.isfinite(learned.log_smoothness.grad)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        ConceptQuery(dim=4, encoder="bn")
+    with pytest.raises(ValueError, match="smoothness"):
+        ConceptQuery(dim=4, smoothness=0.0)
+
+
+def _branch(query_source: str, detach_query: bool, **concept):
+    import copy
+
+    from coder.config import DEFAULTS
+    from coder.models.model import ConceptBranch
+
+    cfg = copy.deepcopy(DEFAULTS["model"])
+    cfg.update(embed_dim=8, region_dim=5, aggregator="mean")
+    cfg["concept"].update(query_source=query_source, detach_query=detach_query, gcn_hidden=6, **concept)
+    counts, cooc = random_stats(7, 60, seed=4)
+    vocab = {"counts": counts, "cooccurrence": cooc, "glove": np.random.default_rng(0).normal(size=(7, 4))}
+    return ConceptBranch(cfg, text_hidden=3, vocab=vocab)
+
+
+@pytest.mark.parametrize("detach_query", [False, True])
+def test_branch_instance_queries(detach_query: bool):
+    torch.manual_seed(0)
+    branch = _branch("instance", detach_query, encoder="cvse", score="cvse")
+    assert branch.image_query_head is None and branch.text_query_head is None  # no second aggregators
+    v_i = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    w_i = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    regions, states, lengths = torch.randn(4, 3, 5), torch.randn(4, 2, 3), torch.tensor([3, 2, 3, 1])
+    v_c = branch.encode_image(regions, lengths, v_i=v_i)
+    w_c = branch.encode_text(states, torch.tensor([2, 2, 1, 2]), w_i=w_i)
+    basis = branch.gcn()
+    torch.testing.assert_close(v_c, branch.image_query(v_i, basis))  # the query is v^I itself
+    torch.testing.assert_close(w_c, branch.text_query(w_i, basis))
+    (v_c.sum() + w_c.sum()).backward()
+    assert (v_i.grad is None) == detach_query and (w_i.grad is None) == detach_query
+    with pytest.raises(ValueError, match="needs the instance embedding"):
+        branch.encode_image(regions, lengths)
+
+
+@pytest.mark.parametrize("detach_query", [False, True])
+def test_branch_head_queries_detach(detach_query: bool):
+    torch.manual_seed(0)
+    branch = _branch("heads", detach_query)
+    states = torch.randn(4, 2, 3, requires_grad=True)  # BERT token states
+    branch.encode_text(states, torch.tensor([2, 2, 1, 2])).sum().backward()
+    assert (states.grad is None) == detach_query
+    assert branch.text_query_head.fc.weight.grad is not None  # the concept heads still train
+
+
+def test_branch_shared_query_module():
+    torch.manual_seed(0)
+    shared = _branch("instance", True, encoder="cvse", score="cvse", share_query=True)
+    assert shared.text_query is shared.image_query  # one W (and encoders) for both modalities
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    shared.eval()
+    torch.testing.assert_close(shared.encode_image(None, None, v_i=q), shared.encode_text(None, None, w_i=q))
+    separate = _branch("instance", True, encoder="cvse", score="cvse")
+    assert separate.text_query is not separate.image_query
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_separate = sum(p.numel() for p in separate.parameters())
+    assert n_separate - n_shared == sum(p.numel() for p in separate.text_query.parameters())

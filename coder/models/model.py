@@ -11,22 +11,22 @@ import torch
 from torch import Tensor, nn
 
 from ..concepts import load_concepts
-from ..config import concept_vocab_path
+from ..config import ConfigError, concept_vocab_path
+from .concept import ConceptGCN, ConceptQuery, normalized_adjacency
 from .heads import ImageHead, TextHead
 from .momentum import MomentumContrast
 from .text import TextBackbone
+from .user import ClipGuidedEnhancement, SelfGuidedEnhancement
 
 
 class ImageEncoder(nn.Module):
-    """Regions (B, L, D) -> v^I: optional USER enhancement (SGE, CGE; SPEC §4.4), then the image head."""
+    """Regions (B, L, D) -> v^I: optional USER enhancement (SGE, CGE), then the image head."""
 
     def __init__(self, cfg: dict):
         super().__init__()
         user = cfg["user"]
         self.sge = self.cge = None
         if user["sge"] or user["cge"]:
-            from .user import ClipGuidedEnhancement, SelfGuidedEnhancement
-
             if user["sge"]:
                 self.sge = SelfGuidedEnhancement(cfg["region_dim"], cfg["num_regions"], user["dropout"],
                                                  user["lambda_att"])
@@ -57,29 +57,53 @@ class TextEncoder(nn.Module):
 
 
 class ConceptBranch(nn.Module):
-    """Concept-level representations (§3.2, Eq. 2): separate query heads over the same regions and token
-    states, querying the SCC basis Y produced by a GCN over the concept graph."""
+    """Concept-level representations (§3.2, Eq. 2): query features v_C^q, w_C^q query the SCC basis Y that
+    a GCN produces over the concept graph.
+
+    The queries come from a second, separate pair of aggregator heads over the same regions and token
+    states (query_source "heads", §3.2 as written) or are the instance embeddings v^I, w^I themselves
+    (query_source "instance", CVSE's design [49]). With detach_query the concept losses do not train what
+    the query is read from (BERT's token states, or the instance embeddings)."""
 
     def __init__(self, cfg: dict, text_hidden: int, vocab: dict[str, np.ndarray]):
         super().__init__()
-        from .concept import ConceptGCN, ConceptQuery, normalized_adjacency
-
-        dim = cfg["embed_dim"]
-        self.image_query_head = ImageHead(cfg["region_dim"], dim, cfg["aggregator"])
-        self.text_query_head = TextHead(text_hidden, dim, cfg["aggregator"])
+        dim, ccfg = cfg["embed_dim"], cfg["concept"]
+        self.query_source, self.detach_query = ccfg["query_source"], ccfg["detach_query"]
+        self.image_query_head = self.text_query_head = None
+        if self.query_source == "heads":
+            self.image_query_head = ImageHead(cfg["region_dim"], dim, cfg["aggregator"])
+            self.text_query_head = TextHead(text_hidden, dim, cfg["aggregator"])
         adjacency = normalized_adjacency(vocab["counts"], vocab["cooccurrence"])
         self.gcn = ConceptGCN(torch.as_tensor(vocab["glove"], dtype=torch.float32), adjacency,
-                              cfg["concept"]["gcn_hidden"], dim)
-        self.image_query = ConceptQuery(dim, cfg["concept"]["smoothness"])  # W^v of Eq. 2
-        self.text_query = ConceptQuery(dim, cfg["concept"]["smoothness"])  # W^w of Eq. 2
+                              ccfg["gcn_hidden"], dim)
+        options = {"smoothness": ccfg["smoothness"], "encoder": ccfg["encoder"], "score": ccfg["score"],
+                   "learn_smoothness": ccfg["learn_smoothness"]}
+        self.image_query = ConceptQuery(dim, **options)  # W^v of Eq. 2
+        # W^w of Eq. 2, or the same module as W^v (one query module for both modalities)
+        self.text_query = self.image_query if ccfg["share_query"] else ConceptQuery(dim, **options)
 
-    def encode_image(self, regions: Tensor, lengths: Tensor, basis: Tensor | None = None) -> Tensor:
+    def _detach(self, x: Tensor) -> Tensor:
+        return x.detach() if self.detach_query else x
+
+    def encode_image(self, regions: Tensor, lengths: Tensor, basis: Tensor | None = None,
+                     v_i: Tensor | None = None) -> Tensor:
+        """v^C; `v_i` (the instance embedding) is the query when query_source is "instance"."""
         basis = self.gcn() if basis is None else basis
+        if self.query_source == "instance":
+            if v_i is None:
+                raise ValueError("model.concept.query_source 'instance' needs the instance embedding v^I")
+            return self.image_query(self._detach(v_i), basis)
         return self.image_query(self.image_query_head(regions, lengths), basis)
 
-    def encode_text(self, states: Tensor, lengths: Tensor, basis: Tensor | None = None) -> Tensor:
+    def encode_text(self, states: Tensor, lengths: Tensor, basis: Tensor | None = None,
+                    w_i: Tensor | None = None) -> Tensor:
+        """w^C; `w_i` (the instance embedding) is the query when query_source is "instance"."""
         basis = self.gcn() if basis is None else basis
-        return self.text_query(self.text_query_head(states, lengths), basis)
+        if self.query_source == "instance":
+            if w_i is None:
+                raise ValueError("model.concept.query_source 'instance' needs the instance embedding w^I")
+            return self.text_query(self._detach(w_i), basis)
+        return self.text_query(self.text_query_head(self._detach(states), lengths), basis)
 
 
 class ITRModel(nn.Module):
@@ -90,7 +114,7 @@ class ITRModel(nn.Module):
         self.concept = None
         if cfg["concept"]["enabled"]:
             if concept_vocab is None:
-                raise ValueError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
+                raise ConfigError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
             self.concept = ConceptBranch(cfg, self.text_encoder.backbone.hidden_dim, concept_vocab)
         self.momentum = None
         if cfg["momentum"]["enabled"]:
@@ -100,14 +124,14 @@ class ITRModel(nn.Module):
     def encode_image(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
         out = {"v_i": self.image_encoder(regions, lengths, clip)}
         if self.concept is not None:
-            out["v_c"] = self.concept.encode_image(regions, lengths)
+            out["v_c"] = self.concept.encode_image(regions, lengths, v_i=out["v_i"])
         return out
 
     def encode_text(self, input_ids: Tensor, lengths: Tensor) -> dict[str, Tensor]:
         w_i, states = self.text_encoder(input_ids, lengths)
         out = {"w_i": w_i}
         if self.concept is not None:
-            out["w_c"] = self.concept.encode_text(states, lengths)
+            out["w_c"] = self.concept.encode_text(states, lengths, w_i=w_i)
         return out
 
     def forward(self, regions: Tensor, region_lengths: Tensor, input_ids: Tensor, text_lengths: Tensor,
@@ -117,8 +141,8 @@ class ITRModel(nn.Module):
         out = {"v_i": self.image_encoder(regions, region_lengths, clip), "w_i": w_i}
         if self.concept is not None:
             basis = self.concept.gcn()  # Y is shared by both modalities: computed once per step
-            out["v_c"] = self.concept.encode_image(regions, region_lengths, basis)
-            out["w_c"] = self.concept.encode_text(states, text_lengths, basis)
+            out["v_c"] = self.concept.encode_image(regions, region_lengths, basis, v_i=out["v_i"])
+            out["w_c"] = self.concept.encode_text(states, text_lengths, basis, w_i=w_i)
         if self.momentum is not None:
             out["v_key"], out["w_key"] = self.momentum.keys(
                 self.image_encoder, self.text_encoder, regions, region_lengths, input_ids, text_lengths, clip)
