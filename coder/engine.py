@@ -112,7 +112,7 @@ class Trainer:
         self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress
         tcfg = cfg["train"]
         self.device = resolve_device(tcfg["device"])
-        self.rank, self.world, local_rank = dist.init_distributed(self.device.type)
+        self.rank, self.world, local_rank = dist.init_distributed(self.device.type, tcfg["dist_timeout_minutes"])
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
@@ -306,7 +306,10 @@ class Trainer:
             if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
                 self._check_finite(bad, epoch)
                 rate = seen / (time.perf_counter() - tic)
-                self._log_step(loss, terms, diag, grad_norm, lr, rate)
+                # every rank joins the averages (a collective), so the logged losses are the whole batch's
+                loss_avg = dist.all_reduce_mean(loss.detach())
+                terms_avg = {name: dist.all_reduce_mean(value.detach()) for name, value in terms.items()}
+                self._log_step(loss_avg, terms_avg, diag, grad_norm, lr, rate)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
                 self._check_finite(bad, epoch)
@@ -331,6 +334,7 @@ class Trainer:
         for name, value in terms.items():
             w.add_scalar(f"loss/{name}", value.item(), step)
         w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/lr_text", lr * self.cfg["train"]["text_lr_mult"], step)  # the BERT group
         w.add_scalar("train/samples_per_s", rate, step)
         if grad_norm is not None:
             w.add_scalar("train/grad_norm", grad_norm.item(), step)
@@ -397,6 +401,11 @@ class Trainer:
                                 beta=best.get("beta"))
         result["best_epoch"], result["best_dev_rsum"] = self.best_epoch, self.best_rsum
         write_json(self.out_dir / f"eval_{split}.json", result)
+        if self.writer is not None:
+            for d in ("i2t", "t2i"):
+                for m in ("r1", "r5", "r10"):
+                    self.writer.add_scalar(f"test/{d}_{m}", result[d][m], self.best_epoch)
+            self.writer.add_scalar("test/rsum", result["rsum"], self.best_epoch)
         print(f"\n{self.cfg['name']}: {split} ({self.cfg['data']['dataset']}), best epoch {self.best_epoch}\n"
               + format_table(result))
         return result
