@@ -15,7 +15,9 @@ def fake_run(tmp_path, name, r1, concept=False):
     if concept:
         result["instance"] = dict(result)
         result["concept"] = dict(result)
+    result.update({"dataset": "f30k", "split": "test", "best_epoch": 1})
     (run / "eval_test.json").write_text(json.dumps(result))
+    (run / "config.yaml").write_text(f"name: {name}\ntrain:\n  lr: {0.001 if r1 >= 50 else 0.002}\n  epochs: 2\n")
     return run
 
 def test_table_and_readme_block(tmp_path):
@@ -25,8 +27,17 @@ def test_table_and_readme_block(tmp_path):
     assert results_table.main([str(a), str(b), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("outro")
-    assert "| `demo` | 50.0 | 60.0 | 70.0 | 50.0 | 60.0 | 70.0 | 360.0 |" in text
-    assert "`demo` concept-only" in text and "| `demo_user` | 40.0" in text
+    assert "| `demo` | f30k test | 1 | 50.0 | 60.0 | 70.0 | 50.0 | 60.0 | 70.0 | 360.0 |  |" in text
+    assert "`demo` concept-only" in text and "| `demo_user` | f30k test | 1 | 40.0" in text
+    assert "Config keys that differ: `train.lr`: demo=0.001, demo_user=0.002" in text
+
+
+def test_coco_runs_show_1k_and_5k(tmp_path):
+    run = fake_run(tmp_path, "coco", 60.0)
+    result = json.loads((run / "eval_test.json").read_text())
+    result["5k"] = {**result, "rsum": 400.0}
+    (run / "eval_test.json").write_text(json.dumps(result))
+    assert "| 420.0 | 400.0 |" in results_table.table([run], "test")
 
 def test_missing_eval_file_is_a_clear_error(tmp_path, capsys):
     assert results_table.main([str(tmp_path / "nope")]) == 2
