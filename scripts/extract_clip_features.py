@@ -1,4 +1,4 @@
-"""Extract frozen global CLIP image embeddings for USER's CGE (USER's CGE).
+"""Extract frozen global CLIP image embeddings for USER's CLIP-guided enhancement (CGE).
 
 For each split S, reads the image ids of `S_ids.txt` (one per image row), looks each id up in a mapping
 file (TSV `id<TAB>relative/path.jpg` or JSON `{"id": "relative/path.jpg"}`), encodes the images with
@@ -10,7 +10,7 @@ Resumable: rows are written into `S_clip.npy.partial` (a .npy memmap) and `S_cli
 records the rows finished; a rerun continues after the last finished batch, and the partial file is
 renamed to `S_clip.npy` when complete.
 
-    python scripts/extract_clip_features.py --model-dir data/clip-vit-base-patch32 \
+    python scripts/extract_clip_features.py --model-dir models/clip-vit-base-patch32 \
         --mapping data/f30k_images.tsv --image-root data/flickr30k-images \
         --data-root data/f30k_precomp --splits train dev test
 """
@@ -214,7 +214,7 @@ def extract_clip_features(model_dir: str | os.PathLike, ids_path: str | os.PathL
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default="data/clip-vit-base-patch32",
+    parser.add_argument("--model-dir", default="models/clip-vit-base-patch32",
                         help=f"local directory holding {CLIP_NAME} (save_pretrained of model and processor)")
     parser.add_argument("--mapping", required=True, help="id -> image path file (.tsv or .json)")
     parser.add_argument("--image-root", required=True, help="folder the mapping's paths are relative to")
