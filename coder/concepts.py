@@ -306,6 +306,23 @@ def scaled_quotas(num_concepts: int) -> dict[str, int]:
     return {p: quotas[p] for p in POS_ORDER}
 
 
+def select_with_vectors(pools: dict[str, list[str]], quotas: dict[str, int], vectors: dict
+                        ) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Per part of speech, the most frequent words that have a GloVe vector, up to its quota; the skipped
+    words without one are reported."""
+    words, pos, missing = [], [], {}
+    for p in POS_ORDER:
+        chosen, skipped = [], []
+        for w in pools[p]:
+            if len(chosen) == quotas[p]:
+                break
+            (chosen if w in vectors else skipped).append(w)
+        words += chosen
+        pos += [p] * len(chosen)
+        missing[p] = skipped
+    return words, pos, missing
+
+
 def build_vocabulary(
     captions: Sequence[str],
     glove_path: str | Path,
@@ -326,16 +343,7 @@ def build_vocabulary(
     pools = {p: [w for w in ranked if tags[w] == p] for p in POS_ORDER}
     vectors, dim = read_glove(glove_path, ranked)
 
-    words, pos, missing = [], [], {}
-    for p in POS_ORDER:
-        chosen, skipped = [], []
-        for w in pools[p]:
-            if len(chosen) == quotas[p]:
-                break
-            (chosen if w in vectors else skipped).append(w)
-        words += chosen
-        pos += [p] * len(chosen)
-        missing[p] = skipped
+    words, pos, missing = select_with_vectors(pools, quotas, vectors)
     if not words:
         raise ConceptError(f"no concept word with a GloVe vector found (captions: {source}, GloVe: {glove_path})")
     counts, cooc = cooccurrence_counts(tokenized, words)

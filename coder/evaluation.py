@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .data import PrecompCaptions, PrecompImages, collate
 from .errors import CoderError
 
 RECALL_KS = (1, 5, 10)
@@ -147,8 +148,6 @@ def average_recalls(results: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- encoding
 def _loader(dataset, batch_size: int, num_workers: int = 0, order=None) -> DataLoader:
-    from .data import collate
-
     sampler = order if order is not None else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
@@ -316,8 +315,6 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------- protocol
 def split_datasets(cfg: dict, tokenizer, split: str):
     """(images, captions) datasets of a split; the validation split is capped to `data.val_max_captions`."""
-    from .data import PrecompCaptions, PrecompImages
-
     data = cfg["data"]
     cap = data["val_max_captions"] if split == data["val_split"] else None
     images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],

@@ -156,10 +156,7 @@ def sample_queries(n_images: int, n_captions: int, count: int, seed: int) -> dic
 
 
 # ------------------------------------------------------------------------------------------- concepts
-def _basis(model) -> Tensor:
-    return model.concept.gcn()  # the SCC basis Y (§3.2)
-
-
+@torch.no_grad()
 @torch.no_grad()
 def image_attention(model, images_ds, indices: Sequence[int], device="cpu") -> Tensor:
     """Eq. 2 weights a^v (len(indices), g) of the chosen images over the concepts."""
@@ -167,8 +164,9 @@ def image_attention(model, images_ds, indices: Sequence[int], device="cpu") -> T
     if not len(indices):
         return torch.zeros(0, 0)
     batch = collate([images_ds[int(i)] for i in indices])
-    q = model.concept.image_query_head(batch["regions"].to(device), batch["region_lengths"].to(device))
-    return model.concept.image_query(q, _basis(model), return_weights=True)[1].float().cpu()
+    regions, lengths = batch["regions"].to(device), batch["region_lengths"].to(device)
+    v_i = model.image_encoder(regions, lengths, batch["clip"].to(device) if "clip" in batch else None)
+    return model.concept.encode_image(regions, lengths, v_i=v_i, return_weights=True)[1].float().cpu()
 
 
 @torch.no_grad()
@@ -176,9 +174,8 @@ def text_attention(model, input_ids: Tensor, lengths: Tensor, device="cpu") -> T
     """Eq. 2 weights a^w (B, g) of token-id batches over the concepts."""
     model.eval()
     input_ids, lengths = input_ids.to(device), lengths.to(device)
-    _, states = model.text_encoder(input_ids, lengths)
-    q = model.concept.text_query_head(states, lengths)
-    return model.concept.text_query(q, _basis(model), return_weights=True)[1].float().cpu()
+    w_i, states = model.text_encoder(input_ids, lengths)
+    return model.concept.encode_text(states, lengths, w_i=w_i, return_weights=True)[1].float().cpu()
 
 
 def caption_attention(model, captions_ds, indices: Sequence[int], device="cpu") -> Tensor:
@@ -452,11 +449,13 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device="cp
 
     ckpt = load_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"])  # over the current defaults: keys added since the run get their default
+    if ckpt.get("beta") is not None:
+        cfg["eval"]["beta"] = ckpt["beta"]  # the fusion weight chosen on dev in training
     for text in overrides:
         keys, value = parse_override(text)
-        if keys[0] not in OVERRIDABLE and keys != ["model", "concept", "vocab"]:
-            raise ConfigError(f"show_retrievals overrides only data.*, eval.* and model.concept.vocab, "
-                              f"not '{'.'.join(keys)}'")
+        if keys[0] not in OVERRIDABLE and ".".join(keys) not in ("model.concept.vocab", "model.text_encoder"):
+            raise ConfigError(f"show_retrievals overrides only data.*, eval.*, model.concept.vocab and "
+                              f"model.text_encoder, not '{'.'.join(keys)}'")
         merge(cfg, nest(keys, value))
     validate(cfg)
     bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
@@ -499,6 +498,36 @@ def cached_embeddings(cache: Path | None, checkpoint: str | Path, cfg: dict, spl
     return emb
 
 
+def shown_items(blocks: Sequence[QueryResult]) -> tuple[list[int], list[int]]:
+    """(image indices, caption indices) that appear on the page: queries, results and ground truths."""
+    images, captions = set(), set()
+    for b in blocks:
+        items = b.results + ([b.truth] if b.truth is not None else [])
+        if b.text is None:
+            (images if b.direction == "i2t" else captions).add(b.query)
+        (captions if b.direction == "i2t" else images).update(c.index for c in items)
+    return sorted(images), sorted(captions)
+
+
+def add_concepts(rep: Report, model, cfg: dict, images_ds, captions_ds, shown_images, shown_captions, typed,
+                 n_concepts: int, device) -> None:
+    """The top Eq. 2 concepts of every image and caption on the page (and of the typed caption)."""
+    vocab = load_concepts(concept_vocab_path(cfg))
+    words = vocab.words
+    # the checkpoint keeps the GloVe rows X it was trained with (§3.2): the words must be those rows'
+    glove, trained = torch.as_tensor(vocab.glove), model.concept.gcn.word_vectors.cpu()
+    if glove.shape != trained.shape or not torch.allclose(glove, trained):
+        raise ReportError(f"{concept_vocab_path(cfg)} is not the concepts file this checkpoint was "
+                          f"trained with (its word vectors differ); point --set model.concept.vocab at it")
+    for idx, weights in zip(shown_images, image_attention(model, images_ds, shown_images, device)):
+        rep.image_concepts[idx] = top_concepts(weights, words, n_concepts)
+    for idx, weights in zip(shown_captions, caption_attention(model, captions_ds, shown_captions, device)):
+        rep.caption_concepts[idx] = top_concepts(weights, words, n_concepts)
+    if typed is not None:
+        rep.typed_concepts[0] = top_concepts(text_attention(model, *typed, device)[0], words,
+                                             n_concepts)
+
+
 def build_report(checkpoint: str | Path, *, split: str | None = None, queries: int = 20, seed: int = 0,
                  images_dir: str | Path | None = None, query_text: str | None = None, k: int = 5,
                  n_concepts: int = 5, overrides: Sequence[str] = (), device="cpu", progress: bool = False,
@@ -533,35 +562,16 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
     for direction in DIRECTIONS:
         blocks.extend(rank_queries(emb, beta, direction, chosen[direction], k, cpi))
 
-    # the images and captions shown on the page
-    shown_images, shown_captions = set(), set()
-    for b in blocks:
-        items = b.results + ([b.truth] if b.truth is not None else [])
-        if b.text is None:
-            (shown_images if b.direction == "i2t" else shown_captions).add(b.query)
-        (shown_captions if b.direction == "i2t" else shown_images).update(c.index for c in items)
-    shown_images, shown_captions = sorted(shown_images), sorted(shown_captions)
+    shown_images, shown_captions = shown_items(blocks)
     ids = images_ds.image_ids
     labels = list(ids) if ids is not None else [str(i) for i in range(len(images_ds))]
     rep = Report(title=f"Retrievals of {Path(checkpoint).name} on {split}", meta={}, blocks=blocks,
                  captions=captions_ds.files.captions, image_label=labels, concept_branch=concept_branch)
 
     if concept_branch:
-        vocab = load_concepts(concept_vocab_path(cfg))
-        words = vocab.words
-        # the checkpoint keeps the GloVe rows X it was trained with (§3.2): the words must be those rows'
-        glove, trained = torch.as_tensor(vocab.glove), model.concept.gcn.word_vectors.cpu()
-        if glove.shape != trained.shape or not torch.allclose(glove, trained):
-            raise ReportError(f"{cfg['model']['concept']['vocab']} is not the concepts file this checkpoint was "
-                              f"trained with (its word vectors differ); point --set model.concept.vocab at it")
-        for idx, weights in zip(shown_images, image_attention(model, images_ds, shown_images, device)):
-            rep.image_concepts[idx] = top_concepts(weights, words, n_concepts)
-        for idx, weights in zip(shown_captions, caption_attention(model, captions_ds, shown_captions, device)):
-            rep.caption_concepts[idx] = top_concepts(weights, words, n_concepts)
-        if query_text is not None:
-            rep.typed_concepts[0] = top_concepts(text_attention(model, typed_ids, typed_lengths, device)[0], words,
-                                                 n_concepts)
-
+        typed = (typed_ids, typed_lengths) if query_text is not None else None
+        add_concepts(rep, model, cfg, images_ds, captions_ds, shown_images, shown_captions, typed, n_concepts,
+                     device)
     if images_dir is not None:
         files = image_files(images_dir, [labels[i] for i in shown_images])
         for i in shown_images:
@@ -574,7 +584,7 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
             if images_dir is None:
                 rep.image_html[i] = scene_svg(scenes[i])
 
-    rep.meta = {"checkpoint": str(checkpoint), "split": split, "dataset": data["dataset"], "method": cfg["method"],
+    rep.meta = {"checkpoint": str(checkpoint), "split": split, "dataset": data["dataset"],
                 "images": len(images_ds), "captions": len(captions_ds), "captions_per_image": cpi,
                 "beta": beta if concept_branch else "— (instance only)", "seed": seed,
                 "built in": f"{time.perf_counter() - t0:.1f} s"}

@@ -86,24 +86,26 @@ class ConceptBranch(nn.Module):
         return x.detach() if self.detach_query else x
 
     def encode_image(self, regions: Tensor, lengths: Tensor, basis: Tensor | None = None,
-                     v_i: Tensor | None = None) -> Tensor:
-        """v^C; `v_i` (the instance embedding) is the query when query_source is "instance"."""
+                     v_i: Tensor | None = None, return_weights: bool = False):
+        """v^C [and the Eq. 2 weights a]; `v_i` (the instance embedding) is the query when query_source is
+        "instance"."""
         basis = self.gcn() if basis is None else basis
         if self.query_source == "instance":
             if v_i is None:
                 raise ValueError("model.concept.query_source 'instance' needs the instance embedding v^I")
-            return self.image_query(self._detach(v_i), basis)
-        return self.image_query(self.image_query_head(regions, lengths), basis)
+            return self.image_query(self._detach(v_i), basis, return_weights)
+        return self.image_query(self.image_query_head(regions, lengths), basis, return_weights)
 
     def encode_text(self, states: Tensor, lengths: Tensor, basis: Tensor | None = None,
-                    w_i: Tensor | None = None) -> Tensor:
-        """w^C; `w_i` (the instance embedding) is the query when query_source is "instance"."""
+                    w_i: Tensor | None = None, return_weights: bool = False):
+        """w^C [and the Eq. 2 weights a]; `w_i` (the instance embedding) is the query when query_source is
+        "instance"."""
         basis = self.gcn() if basis is None else basis
         if self.query_source == "instance":
             if w_i is None:
                 raise ValueError("model.concept.query_source 'instance' needs the instance embedding w^I")
-            return self.text_query(self._detach(w_i), basis)
-        return self.text_query(self.text_query_head(self._detach(states), lengths), basis)
+            return self.text_query(self._detach(w_i), basis, return_weights)
+        return self.text_query(self.text_query_head(self._detach(states), lengths), basis, return_weights)
 
 
 class ITRModel(nn.Module):
