@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from coder.checkpoint import flatten
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COLUMNS = ("data", "best epoch", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "R@sum",
            "5K R@sum")
@@ -38,22 +40,12 @@ def row(label: str, result: dict, dataset: str = "", epoch="") -> str:
     return f"| {label} | {dataset} | {epoch} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {five_k} |"
 
 
-def flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def differing_keys(run_dirs: list[Path]) -> list[str]:
     """'key: run=value, ...' for every config key whose value is not the same in all runs (name excluded)."""
     configs = {}
     for run in run_dirs:
         path = run / "config.yaml"
-        configs[run.name] = flat(yaml.safe_load(path.read_text())) if path.is_file() else {}
+        configs[run.name] = flatten(yaml.safe_load(path.read_text())) if path.is_file() else {}
     keys = sorted({k for c in configs.values() for k in c} - {"name"})
     lines = []
     for key in keys:
@@ -78,12 +70,13 @@ def table(run_dirs: list[Path], split: str) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str, path: Path) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"{path} has no '{START}' ... '{END}' block to replace")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
+def replace_block(text: str, block: str, path: Path, start: str = START, end: str = END) -> str:
+    """`text` with what lies between the `start` and `end` markers replaced by `block`."""
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no '{start}' ... '{end}' block to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}\n{end}{tail}"
 
 
 def main(argv=None) -> int:

@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 import yaml
+from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- study:start -->", "<!-- study:end -->"
+START, END = "<!-- study:start -->", "<!-- study:end -->"  # the README block this study owns
 # (column, how to read it from eval_<split>.json)
 COLUMNS = (
     ("dev R@sum", lambda r: r.get("best_dev_rsum")),
@@ -40,6 +41,7 @@ COLUMNS = (
     ("t2i R@1", lambda r: r["t2i"]["r1"]),
     ("instance-only", lambda r: r["instance"]["rsum"] if "instance" in r else None),
     ("concept-only", lambda r: r["concept"]["rsum"] if "concept" in r else None),
+    ("beta", lambda r: r["beta"] if "concept" in r else None),  # the fusion weight chosen on dev
 )
 
 
@@ -92,9 +94,10 @@ def mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
+    digits = 2 if max(abs(v) for v in values) <= 1 else 1  # a weight like beta, or a recall
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
@@ -115,14 +118,6 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")
     return "\n".join(lines)
-
-
-def replace_block(text: str, block: str, path: Path) -> str:
-    if START not in text or END not in text:
-        raise StudyError(f"{path} has no '{START}' ... '{END}' block to replace")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
 
 
 def main(argv=None) -> int:
@@ -149,8 +144,8 @@ def main(argv=None) -> int:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
         if args.readme:
-            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme))
-    except (StudyError, subprocess.CalledProcessError) as err:
+            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme, START, END))
+    except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the README has no block
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(block)
