@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .data.precomp import read_lines
 from .errors import CoderError, MissingFileError
 
 POS_ORDER = ("noun", "adj", "verb")
@@ -98,7 +99,7 @@ def read_captions(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"captions file not found: {path}")
-    captions = path.read_text(encoding="utf-8").splitlines()
+    captions = read_lines(path)  # the data set's own reader: both see the same lines
     for line_no, caption in enumerate(captions, start=1):
         if not caption.strip():
             raise ConceptError(f"{path}:{line_no}: empty caption")

@@ -221,3 +221,12 @@ def test_export_demo_glove_is_authentic(tmp_path: Path):
     index = pq.read_table(Path(kumo.ROOT) / "glove_6B_index.parquet").column(0).to_pylist()
     emb = np.load(Path(kumo.ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
     np.testing.assert_array_equal(vectors["dog"], emb[index.index("dog")])  # float32 round trip exact
+
+
+def test_concepts_read_the_same_lines_as_the_data_set(tmp_path: Path):
+    """One caption reader: a Unicode line separator inside a caption does not split it in either place."""
+    from coder.data.precomp import read_lines
+
+    path = tmp_path / "train_caps.txt"
+    path.write_text("a dog\u2028runs\na red cat\n", encoding="utf-8")
+    assert C.read_captions(path) == read_lines(path) == ["a dog\u2028runs", "a red cat"]

@@ -41,7 +41,7 @@ def _open_npy(path: Path, rank: int) -> np.ndarray:
     return array
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
     """The stripped lines of a UTF-8 text file (split on newlines only, not on Unicode separators)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -110,7 +110,7 @@ class PrecompSplit:
         self.load_clip, self.clip_dim = load_clip, clip_dim
 
     def _read_captions(self) -> list[str]:
-        captions = _read_lines(self.caps_path)
+        captions = read_lines(self.caps_path)
         if not captions:
             raise DataError(f"{self.caps_path}: no captions")
         empty = next((n for n, caption in enumerate(captions, start=1) if not caption), None)
@@ -121,7 +121,7 @@ class PrecompSplit:
     def _read_ids(self) -> list[str] | None:
         if not self.ids_path.is_file():
             return None
-        ids = _read_lines(self.ids_path)
+        ids = read_lines(self.ids_path)
         if len(ids) != self.num_rows:
             raise DataError(f"{self.ids_path}: {len(ids)} ids, expected one per image row of "
                             f"{self.ims_path} ({self.num_rows})")
