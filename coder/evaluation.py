@@ -264,10 +264,12 @@ def evaluate_model(model, images_ds, captions_ds, device, *, beta: float = 0.9, 
     emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress, amp)
     check_finite(emb)
     t1 = time.perf_counter()
-    if beta_grid and "v_c" in emb:  # the first best in grid order
-        scores = [evaluate_embeddings(emb, b, captions_per_image, fold5, chunk_size)["rsum"] for b in beta_grid]
-        beta = beta_grid[scores.index(max(scores))]
-    result = evaluate_embeddings(emb, beta, captions_per_image, fold5, chunk_size)
+    if beta_grid and "v_c" in emb:  # the first best in grid order; its ranking is the result
+        tried = [evaluate_embeddings(emb, b, captions_per_image, fold5, chunk_size) for b in beta_grid]
+        best = max(range(len(tried)), key=lambda i: (tried[i]["rsum"], -i))
+        beta, result = beta_grid[best], tried[best]
+    else:
+        result = evaluate_embeddings(emb, beta, captions_per_image, fold5, chunk_size)
     result["beta"] = beta if "v_c" in emb else 1.0
     t2 = time.perf_counter()
     if branches and "v_c" in emb:
