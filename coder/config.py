@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
         "num_regions": 36,  # L (§4.2); USER's SGE needs exactly this many
         "aggregator": "gpo",  # gpo | mean | max (VSE-infinity's heads, CODER §3.2)
         "text_layers": None,  # keep only the first N transformer layers (None = all)
+        # BERT computes real word-pieces only (packed; attention masks padding as BERT does): the same states
+        # up to float rounding, without the padded tokens of a batch padded to its longest caption
+        "text_packing": True,
         "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
             "enabled": False,
             "vocab": "",  # concepts.npz from scripts/build_concepts.py; "" = <data.root>/concepts.npz

@@ -121,3 +121,48 @@ def test_gpo_weights_depend_on_length_only_and_match_per_sample_gru():
         out = (out[..., :32] + out[..., 32:]) / 2
         expected = torch.softmax(gpo.score(out).squeeze(-1) / 0.1, dim=1)[0]
         torch.testing.assert_close(batched[b, :n, 0], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden,heads", [(32, 2), (48, 4)])
+def test_packed_bert_gives_the_padded_forwards_states_and_gradients(hidden, heads):
+    """BERT on packed real tokens equals transformers' own padded forward: the states of real tokens and every
+    parameter's gradient through them, in float64 with dropout off; zeros at padding."""
+    from coder.models.text import packable, tiny_bert
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 9, 1, 5, 9, 2, 7, 4, 6, 2, 8])  # ties, a one-token caption, unsorted
+    ids = torch.randint(5, 1000, (len(lengths), 12))  # wider than the longest caption
+    mask = valid_mask(lengths, 12)
+    ids[~mask] = 0
+    weights = torch.randn(len(lengths), 12, hidden) * mask[..., None]  # a loss that weighs every real token
+
+    def run(packed):
+        bert = tiny_bert(vocab_size=1000, hidden=hidden, heads=heads).eval().double()
+        assert packable(bert)
+        backbone = TextBackbone(bert, packed)
+        assert backbone.packed == packed
+        states = backbone(ids, lengths)
+        (states * weights.double()).sum().backward()
+        return states.detach(), {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
+
+    ref_states, ref_grads = run(False)
+    states, grads = run(True)
+    assert states.shape == ref_states.shape
+    assert torch.allclose(states[mask], ref_states[mask], atol=1e-10)
+    assert (states[~mask] == 0).all()
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], atol=1e-9), name
+
+
+def test_packed_bert_trains_with_dropout_and_falls_back_for_other_variants():
+    """In train mode the packed path applies BERT's dropout (two calls differ); a BERT it does not cover
+    (relative positions) runs padded."""
+    from coder.models.text import tiny_bert
+
+    bert = tiny_bert(vocab_size=100).train()
+    ids, lengths = torch.randint(5, 100, (3, 6)), torch.tensor([6, 4, 2])
+    backbone = TextBackbone(bert)
+    assert not torch.equal(backbone(ids, lengths), backbone(ids, lengths))
+    bert.config.position_embedding_type = "relative_key"
+    assert not TextBackbone(bert).packed

@@ -48,7 +48,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, bert: nn.Module, cfg: dict):
         super().__init__()
-        self.backbone = TextBackbone(bert)
+        self.backbone = TextBackbone(bert, cfg["text_packing"])
         self.head = TextHead(self.backbone.hidden_dim, cfg["embed_dim"], cfg["aggregator"])
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

@@ -66,16 +66,64 @@ def load_text_backbone(name: str, num_layers: int | None = None):
 
 
 class TextBackbone(nn.Module):
-    """Token ids (B, T) + lengths (B,) -> contextual token states e_t (B, T, H) of Eq. 1."""
+    """Token ids (B, T) + lengths (B,) -> contextual token states e_t (B, T, H) of Eq. 1.
 
-    def __init__(self, bert: nn.Module):
+    With `packed` (the default) BERT computes real tokens only: the captions' tokens are packed into one
+    (N, H) matrix for every linear layer, and only attention sees the padded (B, T) layout, with padding
+    masked as BERT masks it. The states of real tokens equal the padded forward's up to float rounding; the
+    word-pieces of padding, a third of a batch padded to its longest caption, are never computed. States at
+    padded positions are zero. BERT variants the packed path does not cover run padded, unchanged.
+    """
+
+    def __init__(self, bert: nn.Module, packed: bool = True):
         super().__init__()
         self.bert = bert
         self.hidden_dim = bert.config.hidden_size
+        self.packed = packed and packable(bert)
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        mask = valid_mask(lengths, input_ids.size(1)).long()
-        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if not self.packed:
+            mask = valid_mask(lengths, input_ids.size(1)).long()
+            return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return packed_bert(self.bert, input_ids, lengths)
+
+
+def packable(bert: nn.Module) -> bool:
+    """Whether `packed_bert` reproduces this BertModel: an encoder with absolute positions, no cross-attention."""
+    config = bert.config
+    return (getattr(config, "position_embedding_type", "absolute") == "absolute" and not config.is_decoder
+            and not getattr(config, "add_cross_attention", False) and not config.chunk_size_feed_forward)
+
+
+def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    """BertModel's last hidden states (B, T, H) with every layer applied to real tokens only (zeros at padding).
+
+    Embeddings, feed-forward blocks, residuals and LayerNorms are per token, so they run on the packed (N, H)
+    tokens through BERT's own modules; self-attention scatters queries, keys and values to (B, heads, T, d)
+    and masks padded keys, with BERT's scaling and attention dropout."""
+    batch, width = input_ids.shape
+    real = valid_mask(lengths, width).flatten().nonzero().squeeze(1)  # packed token -> flat (b, t) position
+    emb = bert.embeddings
+    ids = input_ids.flatten()[real]
+    positions = (real % width).to(ids.dtype)
+    x = emb.word_embeddings(ids) + emb.token_type_embeddings(torch.zeros_like(ids))
+    x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
+    key_mask = valid_mask(lengths, width)[:, None, None, :]
+    for layer in bert.encoder.layer:
+        attention = layer.attention.self
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+
+        def spread(t: Tensor) -> Tensor:  # (N, heads * size) -> (B, heads, T, size)
+            flat = t.new_zeros(batch * width, t.size(1)).index_copy(0, real, t)
+            return flat.view(batch, width, heads, size).transpose(1, 2)
+
+        context = nn.functional.scaled_dot_product_attention(
+            spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)), attn_mask=key_mask,
+            dropout_p=attention.dropout.p if attention.training else 0.0, scale=attention.scaling)
+        context = context.transpose(1, 2).reshape(batch * width, heads * size)[real]
+        x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + x)
+        x = layer.output(layer.intermediate(x), x)  # feed-forward, dropout, LayerNorm(. + x)
+    return x.new_zeros(batch * width, x.size(1)).index_copy(0, real, x).view(batch, width, -1)
 
 
 def tiny_bert(vocab_size: int = 30522, hidden: int = 32, layers: int = 2, heads: int = 2) -> nn.Module:
