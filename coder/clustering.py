@@ -130,17 +130,13 @@ def _faiss_kmeans(x: Tensor, k: int, *, iters: int, init: Tensor | None, seed: i
 
 
 @torch.no_grad()
-def label_training_pairs(encode_pairs, loader, k: int, *, iters: int, init: Tensor | None, chunk_size: int,
-                         seed: int, device, autocast, progress: bool = True) -> KMeansResult:
-    """The PGC labels z of §3.4: x = L2norm(v^I + w^I) of every training pair from the momentum encoders
-    (`encode_pairs`, batches of a loader without augmentation), then spherical k-means warm-started from the
-    previous epoch's centroids `init` so cluster ids stay aligned with P^C. Labels follow dataset order."""
+def pair_features(encode_pairs, loader, device, autocast, progress: bool = True) -> Tensor:
+    """The k-means input of §3.4: x = L2norm(v^I + w^I) of every pair of `loader` (no augmentation) from the
+    momentum encoders (`encode_pairs`), in loader order, float32."""
     feats = []
     for batch in tqdm(loader, desc="k-means features", leave=False, disable=not progress):
         batch = {key: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for key, v in batch.items()}
         with autocast:
             feats.append(encode_pairs(batch["regions"], batch["region_lengths"], batch["input_ids"],
                                       batch["text_lengths"], batch.get("clip")).float())
-    x = torch.cat(feats)
-    return spherical_kmeans(x, min(k, x.shape[0]), iters=iters, init=init, chunk_size=chunk_size, seed=seed,
-                            progress=progress)
+    return torch.cat(feats)

@@ -129,9 +129,14 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 1,  # epochs between dev evaluations
         "max_steps_per_epoch": 0,  # 0 = full epoch (small values for smoke tests)
         "device": "auto",  # auto | cpu | cuda
-        # DDP: how long ranks wait at a collective (rank 0 alone runs k-means and the dev evaluation; a COCO
-        # k-means pass can outlast NCCL's 10-minute default)
+        # DDP: how long ranks wait at a collective (rank 0 alone runs the k-means iterations and the dev
+        # evaluation; a COCO pass can outlast NCCL's 10-minute default)
         "dist_timeout_minutes": 60.0,
+        # DDP: the in-batch terms (Eq. 3-5, triplet, L_DCL^C, PGC, UTO) see every rank's embeddings, gathered
+        # with gradients, so N x batch_size trains like one batch of N x batch_size (false: each rank's own)
+        "gather_batch": True,
+        # DDP on CUDA: BatchNorm statistics over the global batch (PyTorch's SyncBatchNorm has no CPU kernel)
+        "sync_batchnorm": True,
     },
     "eval": {
         "beta": 0.9,  # fused similarity weight (§3.5); instance-only models use 1

@@ -52,6 +52,53 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_gather_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order (ranks may hold different row counts);
+    the tensors themselves in a single process. No gradient."""
+    if not is_distributed():
+        return list(tensors)
+    world, rows = dist.get_world_size(), tensors[0].shape[0]
+    length = torch.tensor([rows], dtype=torch.long, device=tensors[0].device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n) for n in lengths]
+    gathered_tensors = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))  # all_gather needs equal shapes
+        padded[:rows] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        gathered_tensors.append(torch.cat([g[:n] for g, n in zip(gathered, lengths)]))
+    return gathered_tensors
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward hands each rank the gradient of its own rows summed over
+    every rank's loss (an all-reduce, which gloo supports, instead of a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = tensor.size(0), dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `tensor` (equal row counts), concatenated in rank order, differentiable.
+
+    Each rank then computes the same loss over the whole global batch; DDP averages the parameter gradients
+    over ranks, and the backward's sum over ranks makes that average the gradient of the one global-batch
+    loss, as a single process with the global batch would compute it (open_clip's `gather_with_grad`)."""
+    return _GatherWithGrad.apply(tensor) if is_distributed() else tensor
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

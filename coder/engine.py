@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -27,7 +27,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
-from .clustering import label_training_pairs
+from .clustering import pair_features, spherical_kmeans
 from .config import ConfigError, dump, from_dict
 from .data import PrecompDataset, collate
 from .errors import CoderError
@@ -95,17 +95,26 @@ class ResumeSampler(Sampler):
 
 
 class TrainStep(nn.Module):
-    """Model + objective as one module, so DistributedDataParallel syncs the PGC classifier too."""
+    """Model + objective as one module, so DistributedDataParallel syncs the PGC classifier too.
 
-    def __init__(self, model: nn.Module, objective: Objective):
+    With `gather_batch` under DDP the objective sees every rank's embeddings (gathered with gradients), so
+    N processes of batch B train like one process of batch N x B; the returned `out` stays this rank's own
+    (the banks gather keys themselves when they enqueue)."""
+
+    def __init__(self, model: nn.Module, objective: Objective, gather_batch: bool = False):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.gather_batch = model, objective, gather_batch
 
     def forward(self, batch: dict, epoch: int, labels: torch.Tensor | None):
         out = self.model(batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"],
                          batch.get("clip"))
         bank = Bank(*self.model.momentum.bank()) if self.model.momentum is not None else None
-        loss, terms, diag = self.objective(out, batch, epoch, bank, labels)
+        seen_out, seen_batch, seen_labels = out, batch, labels
+        if self.gather_batch and dist.is_distributed():
+            seen_out = {name: dist.gather_with_grad(value) for name, value in out.items()}
+            seen_batch = {key: dist.gather_with_grad(batch[key]) for key in ("index", "image_index")}
+            seen_labels = dist.gather_with_grad(labels) if labels is not None else None
+        loss, terms, diag = self.objective(seen_out, seen_batch, epoch, bank, seen_labels)
         return loss, terms, diag, out
 
 
@@ -127,7 +136,9 @@ class Trainer:
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
         self.objective = Objective(cfg).to(self.device)
-        self.step_module: nn.Module = TrainStep(self.model, self.objective)
+        self.step_module: nn.Module = TrainStep(self.model, self.objective, tcfg["gather_batch"])
+        if self.world > 1 and self.device.type == "cuda" and tcfg["sync_batchnorm"]:
+            self.step_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.step_module)
         if self.world > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -233,22 +244,26 @@ class Trainer:
         return self.objective.prototypes is not None and epoch >= self.cfg["cluster"]["start_epoch"]
 
     def update_clusters(self, epoch: int) -> None:
-        """Online k-means (§3.4) on rank 0, broadcast to every rank; labels are read by dataset index."""
+        """Online k-means (§3.4): every rank encodes a contiguous share of the training pairs, the features are
+        gathered in dataset order, rank 0 clusters them and broadcasts; labels are read by dataset index."""
         ccfg, data = self.cfg["cluster"], self.cfg["data"]
+        plain = PrecompDataset(data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"],
+                               train=False, captions_per_image=data["captions_per_image"],
+                               load_clip=data["clip_features"], clip_dim=self.cfg["model"]["user"]["clip_dim"])
+        bounds = [len(plain) * r // self.world for r in range(self.world + 1)]
+        share = Subset(plain, range(bounds[self.rank], bounds[self.rank + 1]))
+        loader = DataLoader(share, batch_size=self.cfg["eval"]["batch_size"], collate_fn=collate,
+                            num_workers=data["num_workers"])
+        self.model.eval()
+        (x,) = dist.all_gather_rows(pair_features(self.model.momentum.encode_pairs, loader, self.device,
+                                                  self._autocast(), self.progress and dist.is_main()))
         labels = torch.zeros(len(self.train_set), dtype=torch.long, device=self.device)
         centroids = torch.zeros(ccfg["k"], self.cfg["model"]["embed_dim"], device=self.device)
         if dist.is_main():
-            plain = PrecompDataset(data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"],
-                                   train=False, captions_per_image=data["captions_per_image"],
-                                   load_clip=data["clip_features"], clip_dim=self.cfg["model"]["user"]["clip_dim"])
-            loader = DataLoader(plain, batch_size=self.cfg["eval"]["batch_size"], collate_fn=collate,
-                                num_workers=data["num_workers"])
-            self.model.eval()
-            result = label_training_pairs(
-                self.model.momentum.encode_pairs, loader, ccfg["k"], iters=ccfg["iters"],
-                init=self.centroids.to(self.device) if self.centroids is not None else None,
-                chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch, device=self.device,
-                autocast=self._autocast(), progress=self.progress)
+            result = spherical_kmeans(x, min(ccfg["k"], x.size(0)), iters=ccfg["iters"],
+                                      init=self.centroids.to(self.device) if self.centroids is not None else None,
+                                      chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
+                                      progress=self.progress)
             labels.copy_(result.labels)
             centroids[: result.centroids.size(0)].copy_(result.centroids)
             self._log_clusters(result, epoch)

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import all_gather_rows
+
 __all__ = ["momentum_update", "make_key_encoder", "FeatureQueue", "MomentumContrast"]
 
 
@@ -102,7 +104,7 @@ class FeatureQueue(nn.Module):
         keys = keys.detach().to(self.features)
         ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            keys, ids = _all_gather_rows(keys, ids)
+            keys, ids = all_gather_rows(keys, ids)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
         start = int(self.ptr)
@@ -115,23 +117,6 @@ class FeatureQueue(nn.Module):
     def fill_fraction(self) -> float:
         """Fraction of slots that hold real keys rather than the random initialisation."""
         return int(self.filled) / self.size
-
-
-def _all_gather_rows(*tensors: Tensor) -> list[Tensor]:
-    """Concatenate every rank's rows of each tensor in rank order; ranks may hold different counts."""
-    world, rows = dist.get_world_size(), tensors[0].shape[0]
-    length = torch.tensor([rows], dtype=torch.long, device=tensors[0].device)
-    lengths = [torch.empty_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length)
-    lengths = [int(n) for n in lengths]
-    gathered_tensors = []
-    for tensor in tensors:
-        padded = tensor.new_zeros((max(lengths), *tensor.shape[1:]))  # all_gather needs equal shapes
-        padded[:rows] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        gathered_tensors.append(torch.cat([g[:n] for g, n in zip(gathered, lengths)]))
-    return gathered_tensors
 
 
 class MomentumContrast(nn.Module):
