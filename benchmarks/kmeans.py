@@ -11,6 +11,7 @@ once no label changes) are reported next to each time.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=65536)
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     sizes = CPU_SIZES + ([FULL_SIZE] if device.type == "cuda" else [])
@@ -80,6 +82,10 @@ def main() -> int:
         (n0, k0, _, t0, _, _), (n1, k1, _, t1, _, _) = rows[0], rows[1]
         print(f"time x{t1 / t0:.2f} for N*k x{n1 * k1 / (n0 * k0):.1f} (cost grows with N*k*F)")
 
+    if args.json:
+        keys = ("n", "k", "iterations", "seconds", "g_mult_add_per_s", "empty_clusters")
+        Path(args.json).write_text(json.dumps({"machine": machine(device), "rows": [dict(zip(keys, r)) for r in rows]},
+                                              indent=2))
     if not args.no_write:
         path = Path(__file__).resolve().parent / "RESULTS.md"
         lines = [] if path.is_file() and "# " in path.read_text() else ["# Benchmark results\n"]

