@@ -7,13 +7,11 @@ without gathering they must not. The model runs in eval mode so dropout and Batc
 (BatchNorm statistics are per process on CPU, see the README's Multi-GPU section).
 """
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from coder.config import load_config
@@ -21,17 +19,13 @@ from coder.engine import TrainStep
 from coder.losses.objective import Objective
 from coder.models.model import ITRModel
 from coder.models.text import tiny_bert
+from tests.ddp import join_group, spawn
 
 WORLD, BATCH = 2, 8
 OVERRIDES = ["model.region_dim=16", "model.num_regions=5", "model.embed_dim=24", "model.concept.enabled=true",
              "model.concept.gcn_hidden=8", "model.momentum.enabled=true", "model.momentum.queue_size=6",
              "cluster.k=3", "loss.mask_own_image=true"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build(gather: bool) -> TrainStep:
@@ -64,9 +58,8 @@ def loss_and_grads(step: nn.Module, batch: dict, labels: torch.Tensor) -> dict:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, WORLD, port)
     try:
         batch, labels = data()
         rows = torch.arange(rank, BATCH, WORLD)  # DistributedSampler's share of one global batch
@@ -81,7 +74,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gather")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn(worker, WORLD, out_dir)
     batch, labels = data()
     single = loss_and_grads(build(False), batch, labels)
     load = lambda name: torch.load(out_dir / name, weights_only=True)  # noqa: E731

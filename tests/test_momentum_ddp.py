@@ -4,14 +4,13 @@ One spawn runs every scenario (process start-up dominates the cost); the tests c
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from coder.models.momentum import FeatureQueue
+from tests.ddp import join_group, spawn
 
 WORLD = 2
 SIZE, DIM = 10, 3
@@ -24,11 +23,6 @@ EXPECTED_IDS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def rank_keys(rank: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct, recognisable keys per rank: row r of rank k is filled with 10*k + r (its id too)."""
@@ -37,8 +31,7 @@ def rank_keys(rank: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, WORLD, port)
     try:
         for name, steps in SCENARIOS.items():
             torch.manual_seed(0)  # same seed on every rank: same random start
@@ -53,7 +46,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_states(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp_queue")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn(worker, WORLD, out_dir)
     return {
         name: [torch.load(out_dir / f"{name}_rank{r}.pth", weights_only=True) for r in range(WORLD)]
         for name in SCENARIOS

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import all_gather_rows
@@ -103,8 +102,7 @@ class FeatureQueue(nn.Module):
             )
         keys = keys.detach().to(self.features)
         ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            keys, ids = all_gather_rows(keys, ids)
+        keys, ids = all_gather_rows(keys, ids)  # every rank's keys in rank order (a no-op in one process)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
         start = int(self.ptr)

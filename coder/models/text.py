@@ -104,28 +104,31 @@ def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
     tokens through BERT's own modules; self-attention scatters queries, keys and values to (B, heads, T, d)
     and masks padded keys, with BERT's scaling and attention dropout."""
     batch, width = input_ids.shape
-    real = valid_mask(lengths, width).flatten().nonzero().squeeze(1)  # packed token -> flat (b, t) position
+    mask = valid_mask(lengths, width)
+    real = mask.flatten().nonzero().squeeze(1)  # packed token -> flat (b, t) position
     emb = bert.embeddings
     ids = input_ids.flatten()[real]
     positions = (real % width).to(ids.dtype)
     x = emb.word_embeddings(ids) + emb.token_type_embeddings(torch.zeros_like(ids))
     x = emb.dropout(emb.LayerNorm(x + emb.position_embeddings(positions)))
-    key_mask = valid_mask(lengths, width)[:, None, None, :]
     heads = bert.config.num_attention_heads
 
-    def spread(t: Tensor) -> Tensor:  # (N, heads * d) -> (B, heads, T, d), zeros at padding
-        flat = t.new_zeros(batch * width, t.size(1)).index_copy(0, real, t)
-        return flat.view(batch, width, heads, -1).transpose(1, 2)
+    def unpack(t: Tensor) -> Tensor:  # (N, C) packed -> (B, T, C), zeros at padding
+        return t.new_zeros(batch * width, t.size(1)).index_copy(0, real, t).view(batch, width, -1)
+
+    def spread(t: Tensor) -> Tensor:  # (N, heads * d) -> (B, heads, T, d)
+        return unpack(t).view(batch, width, heads, -1).transpose(1, 2)
 
     for layer in bert.encoder.layer:
         attention = layer.attention.self
         context = nn.functional.scaled_dot_product_attention(
-            spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)), attn_mask=key_mask,
-            dropout_p=attention.dropout.p if attention.training else 0.0, scale=attention.scaling)
+            spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)),
+            attn_mask=mask[:, None, None, :], dropout_p=attention.dropout.p if attention.training else 0.0,
+            scale=attention.scaling)
         context = context.transpose(1, 2).reshape(batch * width, -1)[real]
         x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + x)
         x = layer.output(layer.intermediate(x), x)  # feed-forward, dropout, LayerNorm(. + x)
-    return x.new_zeros(batch * width, x.size(1)).index_copy(0, real, x).view(batch, width, -1)
+    return unpack(x)
 
 
 def tiny_bert(vocab_size: int = 30522, hidden: int = 32, layers: int = 2, heads: int = 2) -> nn.Module:
