@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=1000)
-    parser.add_argument("--dev-images", type=int, default=100)
+    parser.add_argument("--dev-images", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--region-dim", type=int, default=256, help="region feature size (real data: 2048)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the data are current")

@@ -16,7 +16,8 @@ A study file (YAML) names its entries:
 Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
 already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
 that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --readme it
-replaces the block between `<!-- study:start -->` and `<!-- study:end -->`.
+replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the
+study file's name without .yaml), so one README can hold several studies.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- study:start -->", "<!-- study:end -->"  # the README block this study owns
 # (column, how to read it from eval_<split>.json)
 COLUMNS = (
     ("dev R@sum", lambda r: r.get("best_dev_rsum")),
@@ -41,8 +41,15 @@ COLUMNS = (
     ("t2i R@1", lambda r: r["t2i"]["r1"]),
     ("instance-only", lambda r: r["instance"]["rsum"] if "instance" in r else None),
     ("concept-only", lambda r: r["concept"]["rsum"] if "concept" in r else None),
+    # paired within each run (same model, same test split): what fusing the concept branch adds
+    ("fused − instance", lambda r: r["rsum"] - r["instance"]["rsum"] if "instance" in r else None),
     ("beta", lambda r: r["beta"] if "concept" in r else None),  # the fusion weight chosen on dev
 )
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README block that study `name` owns."""
+    return f"<!-- study:{name}:start -->", f"<!-- study:{name}:end -->"
 
 
 class StudyError(ValueError):
@@ -144,7 +151,8 @@ def main(argv=None) -> int:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
         if args.readme:
-            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme, START, END))
+            start, end = markers(args.study.stem)
+            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme, start, end))
     except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the README has no block
         print(f"error: {err}", file=sys.stderr)
         return 2

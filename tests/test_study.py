@@ -28,7 +28,8 @@ def write_study(path: Path, data_root: Path, bert: str) -> Path:
 def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp_path, capsys):
     spec = write_study(tmp_path / "tiny_study.yaml", tiny_coder_data, tiny_bert_dir)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{study.START}\nold\n{study.END}\nrest\n")
+    start, end = study.markers("tiny_study")
+    readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     out = tmp_path / "runs"
     assert study.main([str(spec), "--out", str(out), "--readme", str(readme), "--log", str(tmp_path / "log")]) == 0
     results = {name: [json.loads((out / name / f"seed{s}" / "eval_test.json").read_text()) for s in (0, 1)]

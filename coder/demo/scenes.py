@@ -472,7 +472,7 @@ def split_captions(rng: np.random.Generator, scenes: list[Scene], split: str) ->
 
 # ---- writing ----------------------------------------------------------------------------------------
 
-def _params(seed: int = 0, train_images: int = 1000, dev_images: int = 100, test_images: int = 1000,
+def _params(seed: int = 0, train_images: int = 1000, dev_images: int = 1000, test_images: int = 1000,
             region_dim: int = 256) -> dict[str, int]:
     """Validated generator parameters (the MANIFEST's content besides the version)."""
     params = dict(seed=seed, train_images=train_images, dev_images=dev_images, test_images=test_images,
@@ -495,7 +495,9 @@ def _manifest(params: dict[str, int]) -> dict:
 def generate_demo_data(out: str | os.PathLike, **params: int) -> Path:
     """Write the demo data set into `out` (created if needed) and return it; see the module docstring.
 
-    Keyword parameters: seed=0, train_images=1000, dev_images=100, test_images=1000, region_dim=256.
+    Keyword parameters: seed=0, train_images=1000, dev_images=1000, test_images=1000, region_dim=256.
+    Dev is as large as test so that choices made on it (checkpoint, the fusion weight beta) are not decided
+    by the noise of a few dozen queries.
     """
     params = _params(**params)
     out = Path(out)
