@@ -60,3 +60,30 @@ def test_study_file_errors_name_the_entry(tmp_path):
     bad.write_text(json.dumps({"runs": [{"name": "a"}]}))
     with pytest.raises(study.StudyError, match=r"runs\[0\] needs a string 'config'"):
         study.load_study(bad)
+
+
+def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path):
+    """The paired column is fused minus instance-only inside each run; two studies fill one README without
+    touching each other's block."""
+    def result(rsum, instance):
+        recalls = {"r1": 1.0}
+        return {"rsum": rsum, "i2t": recalls, "t2i": recalls, "instance": {"rsum": instance},
+                "concept": {"rsum": 5.0}, "beta": 0.98}
+
+    out = tmp_path / "runs"
+    for seed, (fused, instance) in enumerate(((401.0, 402.0), (410.0, 407.0))):
+        folder = out / "full" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "eval_test.json").write_text(json.dumps(result(fused, instance)))
+    spec = tmp_path / "paired.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1], "runs": [{"name": "full", "config": "configs/demo.yaml"}]}))
+    other_start, other_end = study.markers("other")
+    start, end = study.markers("paired")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{other_start}\nkeep\n{other_end}\n{start}\nold\n{end}\n")
+    assert study.main([str(spec), "--out", str(out), "--readme", str(readme), "--table-only"]) == 0
+    header, _, row = readme.read_text().split(start)[1].split(end)[0].strip().splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    differences = [-1.0, 3.0]
+    assert cells["fused − instance"] == f"{statistics.mean(differences):.1f} ± {statistics.stdev(differences):.1f}"
+    assert f"{other_start}\nkeep\n{other_end}" in readme.read_text()
