@@ -120,7 +120,10 @@ DEFAULTS: dict[str, Any] = {
         "lr_decay_epochs": [15],  # multiply lr by lr_decay at each of these epochs
         "lr_decay": 0.1,
         "text_lr_mult": 0.1,  # BERT parameters train at 0.1 x lr
-        "grad_clip": 2.0,
+        "grad_clip": 2.0,  # max gradient norm (0: no clipping)
+        # branch: the concept branch (its encoders, W, the PGC classifier) and the rest are clipped apart, so
+        # the concept losses' larger gradients do not shrink the instance steps; all: one norm over everything
+        "grad_clip_scope": "branch",
         "seed": 0,
         "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
         "deterministic": False,
@@ -275,6 +278,7 @@ _CHOICES = {
     "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
     "loss.dcl_positive": ("paper", "unscaled"),
     "train.optimizer": ("adam", "adamw"),
+    "train.grad_clip_scope": ("all", "branch"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 

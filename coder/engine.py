@@ -77,6 +77,18 @@ def build_optimizer(module: nn.Module, train_cfg: dict) -> torch.optim.Optimizer
     return cls(groups, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"], fused=fused)
 
 
+def clip_groups(module: nn.Module, scope: str) -> dict[str, list[nn.Parameter]]:
+    """The parameter sets whose gradient norms are clipped apart: one set ("all"), or ("branch") the concept
+    branch (model.concept, the PGC classifier) apart from the rest, so that L_DCL^C and L_PGC, whose
+    gradients can be several times the instance terms', do not scale down the instance branch's steps."""
+    params = [(f".{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+    concept = [p for n, p in params if ".model.concept." in n or ".objective.prototypes." in n]
+    if scope == "all" or not concept:
+        return {"all": [p for _, p in params]}
+    ids = {id(p) for p in concept}
+    return {"instance": [p for _, p in params if id(p) not in ids], "concept": concept}
+
+
 class ResumeSampler(Sampler):
     """A DistributedSampler whose epoch can start after the batches a killed run already trained on."""
 
@@ -295,7 +307,7 @@ class Trainer:
         self.loader_generator.manual_seed(tcfg["seed"] + epoch)  # worker seeds: a function of (seed, epoch)
         total = self.steps_per_epoch()
         labels = self.labels if self.pgc_active(epoch) else None
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        groups = clip_groups(self.step_module, tcfg["grad_clip_scope"])
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         diversities = []
         bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
@@ -310,7 +322,8 @@ class Trainer:
                     batch, epoch, labels[batch["index"]] if labels is not None else None)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, tcfg["grad_clip"]) if tcfg["grad_clip"] > 0 else None
+            grad_norms = {name: nn.utils.clip_grad_norm_(group, tcfg["grad_clip"])
+                          for name, group in groups.items() if group} if tcfg["grad_clip"] > 0 else {}
             bad |= ~torch.isfinite(loss)  # checked without a per-step sync, before anything is saved
             self.optimizer.step()
             if self.model.momentum is not None:
@@ -327,7 +340,7 @@ class Trainer:
                 # every rank joins the averages (a collective), so the logged losses are the whole batch's
                 loss_avg = dist.all_reduce_mean(loss.detach())
                 terms_avg = {name: dist.all_reduce_mean(value.detach()) for name, value in terms.items()}
-                self._log_step(loss_avg, terms_avg, diag, grad_norm, lr, rate)
+                self._log_step(loss_avg, terms_avg, diag, grad_norms, lr, rate)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
                 self._check_finite(bad, epoch)
@@ -344,7 +357,7 @@ class Trainer:
                 f"The last good checkpoint is {self.out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
                 f"perhaps with a lower train.lr)")
 
-    def _log_step(self, loss, terms, diag, grad_norm, lr, rate) -> None:
+    def _log_step(self, loss, terms, diag, grad_norms, lr, rate) -> None:
         if self.writer is None:
             return
         step, w = self.global_step, self.writer
@@ -354,8 +367,8 @@ class Trainer:
         w.add_scalar("train/lr", lr, step)
         w.add_scalar("train/lr_text", lr * self.cfg["train"]["text_lr_mult"], step)  # the BERT group
         w.add_scalar("train/samples_per_s", rate, step)
-        if grad_norm is not None:
-            w.add_scalar("train/grad_norm", grad_norm.item(), step)
+        for name, norm in grad_norms.items():  # before clipping
+            w.add_scalar("train/grad_norm" if name == "all" else f"train/grad_norm_{name}", norm.item(), step)
         for name in ("diversity_v", "diversity_w"):
             if name in diag:
                 d = diag[name].float()
