@@ -32,6 +32,8 @@ from pathlib import Path
 import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
+from coder.config import ConfigError, load_config
+
 REPO = Path(__file__).resolve().parents[1]
 # (column, how to read it from eval_<split>.json)
 COLUMNS = (
@@ -76,6 +78,16 @@ def load_study(path: Path) -> dict:
         run.setdefault("label", run["name"])
     study.setdefault("seeds", [0])
     return study
+
+
+def check_configs(study: dict, path: Path) -> None:
+    """Resolve every entry's config with its overrides before anything trains, so a mistyped key stops the
+    study at once instead of after the runs before it."""
+    for i, run in enumerate(study["runs"]):
+        try:
+            load_config(REPO / run["config"], run["set"])
+        except ConfigError as err:
+            raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): {err}") from err
 
 
 def run_dir(out: Path, run: dict, seed: int) -> Path:
@@ -143,6 +155,7 @@ def main(argv=None) -> int:
         seeds = args.seeds or study["seeds"]
         out = args.out or REPO / "runs" / "study" / args.study.stem
         if not args.table_only:
+            check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None
             for run in study["runs"]:
                 if args.only and run["name"] not in args.only:

@@ -62,6 +62,23 @@ def test_study_file_errors_name_the_entry(tmp_path):
         study.load_study(bad)
 
 
+@pytest.mark.parametrize("path", sorted((study.REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_files_resolve(path):
+    study.check_configs(study.load_study(path), path)
+
+
+def test_a_mistyped_override_stops_the_study_before_any_run(tmp_path, capsys):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(json.dumps({"runs": [
+        # were it started, this entry would fail at once (no data there) rather than train for minutes
+        {"name": "fine", "config": "configs/demo.yaml", "set": [f"data.root={tmp_path / 'none'}", "data.prepare="]},
+        {"name": "typo", "config": "configs/demo.yaml", "set": ["train.grad_clip_scop=all"]}]}))
+    assert study.main([str(bad), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "runs[1] ('typo')" in err and "train.grad_clip_scop" in err
+    assert not (tmp_path / "runs").exists()  # the valid entry before it did not start either
+
+
 def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path):
     """The paired column is fused minus instance-only inside each run; two studies fill one README without
     touching each other's block."""
