@@ -251,11 +251,21 @@ RETIRED_KEYS = ("method", "data.demo", "data.demo_train_images", "data.demo_dev_
                 "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
 
 
+# keys added later whose default changed what the code did: a config written before the key existed gets
+# the older behaviour, so its run resumes as it started
+EARLIER_BEHAVIOUR = {"loss.dcl_positive": "paper", "train.grad_clip_scope": "all"}
+
+
 def from_dict(data: dict) -> dict:
     """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated; keys added
-    since take their defaults, retired keys are dropped."""
+    since take their defaults (or, in EARLIER_BEHAVIOUR, what the code did before them), retired keys are
+    dropped."""
     cfg = copy.deepcopy(DEFAULTS)
     data = copy.deepcopy(data)
+    for dotted, value in EARLIER_BEHAVIOUR.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = value
     for dotted in RETIRED_KEYS:
         *parents, last = dotted.split(".")
         node = data

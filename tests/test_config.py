@@ -93,7 +93,14 @@ def test_checkpoint_configs_drop_retired_keys_and_gain_new_ones():
     old = copy.deepcopy(DEFAULTS)
     old["method"] = "vse"
     old["data"].update({"demo": True, "demo_seed": 0, "clip_dim": 512})
-    del old["loss"]["dcl_positive"]  # written before the key existed
+    del old["loss"]["dcl_positive"]  # written before these keys existed
+    del old["train"]["grad_clip_scope"]
+    del old["model"]["text_packing"]
     cfg = from_dict(old)
     assert "method" not in cfg and "demo" not in cfg["data"] and "clip_dim" not in cfg["data"]
-    assert cfg["loss"]["dcl_positive"] == DEFAULTS["loss"]["dcl_positive"]
+    assert cfg["model"]["text_packing"] == DEFAULTS["model"]["text_packing"]  # same numbers either way
+    # keys whose default changed what the code did: an old run resumes with what it trained with
+    assert cfg["loss"]["dcl_positive"] == "paper" != DEFAULTS["loss"]["dcl_positive"]
+    assert cfg["train"]["grad_clip_scope"] == "all" != DEFAULTS["train"]["grad_clip_scope"]
+    current = copy.deepcopy(DEFAULTS)
+    assert from_dict(current)["train"]["grad_clip_scope"] == DEFAULTS["train"]["grad_clip_scope"]
