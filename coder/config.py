@@ -122,7 +122,7 @@ DEFAULTS: dict[str, Any] = {
         "text_lr_mult": 0.1,  # BERT parameters train at 0.1 x lr
         "grad_clip": 2.0,  # max gradient norm (0: no clipping)
         # branch: the concept branch (its encoders, W, the PGC classifier) and the rest are clipped apart, so
-        # the concept losses' larger gradients do not shrink the instance steps; all: one norm over everything
+        # the concept losses' larger gradients do not rescale the instance ones; all: one norm over everything
         "grad_clip_scope": "branch",
         "seed": 0,
         "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32

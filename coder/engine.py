@@ -80,7 +80,7 @@ def build_optimizer(module: nn.Module, train_cfg: dict) -> torch.optim.Optimizer
 def clip_groups(module: nn.Module, scope: str) -> dict[str, list[nn.Parameter]]:
     """The parameter sets whose gradient norms are clipped apart: one set ("all"), or ("branch") the concept
     branch (model.concept, the PGC classifier) apart from the rest, so that L_DCL^C and L_PGC, whose
-    gradients can be several times the instance terms', do not scale down the instance branch's steps."""
+    gradients can be several times the instance terms', do not set the factor on the instance gradients."""
     params = [(f".{n}", p) for n, p in module.named_parameters() if p.requires_grad]
     concept = [p for n, p in params if ".model.concept." in n or ".objective.prototypes." in n]
     if scope == "all" or not concept:

@@ -33,7 +33,7 @@ def test_instance_branch_steps_ignore_the_concept_loss_only_when_clipped_apart(t
                                                                               tmp_path, scope):
     """Two steps with L_DCL^C on and off (queries detached, so it sends no gradient to the instance branch),
     clipping hard (max norm 0.01): per branch the instance parameters end up the same; under one global
-    norm the concept gradients scale the instance steps down, and they differ."""
+    norm the concept gradients change the factor on the instance gradients, and they differ."""
     trained = {}
     for weight in (1.0, 0.0):
         cfg = tiny_coder(tiny_coder_data, tiny_bert_dir, f"train.grad_clip_scope={scope}", "train.grad_clip=0.01",
