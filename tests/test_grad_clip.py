@@ -1,4 +1,4 @@
-"""train.grad_clip_scope: with `branch`, the concept terms' gradients cannot shrink the instance branch's steps."""
+"""train.grad_clip_scope: with `branch` the concept terms' gradients do not change how the instance branch clips."""
 import pytest
 import torch
 
