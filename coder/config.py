@@ -256,6 +256,15 @@ RETIRED_KEYS = ("method", "data.demo", "data.demo_train_images", "data.demo_dev_
 EARLIER_BEHAVIOUR = {"loss.dcl_positive": "paper", "train.grad_clip_scope": "all"}
 
 
+def _holder(data: dict, dotted: str) -> tuple[dict | None, str]:
+    """The dict in `data` that holds `dotted`'s last key (None when a parent is missing), and that key."""
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), last
+
+
 def from_dict(data: dict) -> dict:
     """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated; keys added
     since take their defaults (or, in EARLIER_BEHAVIOUR, what the code did before them), retired keys are
@@ -263,15 +272,12 @@ def from_dict(data: dict) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     data = copy.deepcopy(data)
     for dotted, value in EARLIER_BEHAVIOUR.items():
-        section, key = dotted.split(".")
-        if isinstance(data.get(section), dict) and key not in data[section]:
-            data[section][key] = value
+        node, last = _holder(data, dotted)
+        if node is not None:
+            node.setdefault(last, value)
     for dotted in RETIRED_KEYS:
-        *parents, last = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
+        node, last = _holder(data, dotted)
+        if node is not None:
             node.pop(last, None)
     merge(cfg, data)
     validate(cfg)

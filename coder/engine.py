@@ -77,16 +77,17 @@ def build_optimizer(module: nn.Module, train_cfg: dict) -> torch.optim.Optimizer
     return cls(groups, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"], fused=fused)
 
 
-def clip_groups(module: nn.Module, scope: str) -> dict[str, list[nn.Parameter]]:
+def clip_groups(model: nn.Module, objective: nn.Module, scope: str) -> dict[str, list[nn.Parameter]]:
     """The parameter sets whose gradient norms are clipped apart: one set ("all"), or ("branch") the concept
     branch (model.concept, the PGC classifier) apart from the rest, so that L_DCL^C and L_PGC, whose
     gradients can be several times the instance terms', do not set the factor on the instance gradients."""
-    params = [(f".{n}", p) for n, p in module.named_parameters() if p.requires_grad]
-    concept = [p for n, p in params if ".model.concept." in n or ".objective.prototypes." in n]
+    params = [p for module in (model, objective) for p in module.parameters() if p.requires_grad]
+    concept = {id(p) for module in (model.concept, objective.prototypes) if module is not None
+               for p in module.parameters()}
     if scope == "all" or not concept:
-        return {"all": [p for _, p in params]}
-    ids = {id(p) for p in concept}
-    return {"instance": [p for _, p in params if id(p) not in ids], "concept": concept}
+        return {"all": params}
+    return {"instance": [p for p in params if id(p) not in concept],
+            "concept": [p for p in params if id(p) in concept]}
 
 
 class ResumeSampler(Sampler):
@@ -307,7 +308,7 @@ class Trainer:
         self.loader_generator.manual_seed(tcfg["seed"] + epoch)  # worker seeds: a function of (seed, epoch)
         total = self.steps_per_epoch()
         labels = self.labels if self.pgc_active(epoch) else None
-        groups = clip_groups(self.step_module, tcfg["grad_clip_scope"])
+        groups = clip_groups(self.model, self.objective, tcfg["grad_clip_scope"])
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         diversities = []
         bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,

@@ -21,10 +21,10 @@ def test_branch_groups_split_the_concept_branch_and_the_pgc_classifier_from_the_
     trainable = {id(p) for p in trainer.step_module.parameters() if p.requires_grad}
     concept = {id(p) for p in [*trainer.model.concept.parameters(), *trainer.objective.prototypes.parameters()]
                if p.requires_grad}
-    groups = clip_groups(trainer.step_module, "branch")
+    groups = clip_groups(trainer.model, trainer.objective, "branch")
     assert {id(p) for p in groups["concept"]} == concept
     assert {id(p) for p in groups["instance"]} == trainable - concept
-    assert [id(p) for p in clip_groups(trainer.step_module, "all")["all"]] == \
+    assert [id(p) for p in clip_groups(trainer.model, trainer.objective, "all")["all"]] == \
         [id(p) for p in trainer.step_module.parameters() if p.requires_grad]
 
 
