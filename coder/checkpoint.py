@@ -84,6 +84,50 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
+def training_state(cfg: dict, model, objective, optimizer, scaler, progress: dict, kmeans: dict) -> dict:
+    """checkpoint_last.pth: everything a killed run needs to continue exactly (README: Resume). `progress`
+    holds the counters (epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta)."""
+    return {"format": "coder", "version": FORMAT_VERSION, "config": cfg, "model": model.state_dict(),
+            "objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            **progress, "rng": rng_state(), "kmeans": kmeans}
+
+
+def best_model_state(cfg: dict, model, objective, epoch: int, best_rsum: float, beta: float) -> dict:
+    """model_best.pth: the weights chosen on dev and the fusion weight beta chosen with them."""
+    return {"format": "coder", "version": FORMAT_VERSION, "config": cfg, "model": model.state_dict(),
+            "objective": objective.state_dict(), "epoch": epoch, "best_rsum": best_rsum, "beta": beta}
+
+
+PROGRESS_KEYS = ("epoch", "step_in_epoch", "global_step", "best_rsum", "best_epoch", "best_beta")
+
+
+def restore_training(path: str | Path, cfg: dict, model, objective, optimizer, scaler, device) -> dict:
+    """Load checkpoint_last.pth into the modules, the optimizer, the gradient scaler and the RNGs; refuse a
+    checkpoint trained with another config. Returns the counters and the k-means state."""
+    from .config import from_dict
+
+    ckpt = load_checkpoint(path, map_location=device)
+    diffs = config_differences(from_dict(ckpt["config"]), cfg)
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was trained with a different config; keys that differ: "
+                              + "; ".join(diffs))
+    model.load_state_dict(ckpt["model"])
+    objective.load_state_dict(_objective_state(ckpt["objective"]))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ckpt["rng"].items()})
+    progress = {key: ckpt[key] for key in PROGRESS_KEYS if key in ckpt}
+    return {**progress, "kmeans": ckpt["kmeans"]}
+
+
+def _objective_state(state: dict) -> dict:
+    """The objective's state dict with the PGC classifier under its current name (before the objective was
+    made of terms, P^C was `prototypes.prototypes.weight`)."""
+    return {("terms.pgc.classifier." + k[len("prototypes."):] if k.startswith("prototypes.") else k): v
+            for k, v in state.items()}
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in cfg.items():

@@ -140,3 +140,31 @@ def pair_features(encode_pairs, loader, device, autocast, progress: bool = True)
             feats.append(encode_pairs(batch["regions"], batch["region_lengths"], batch["input_ids"],
                                       batch["text_lengths"], batch.get("clip")).float())
     return torch.cat(feats)
+
+
+def cluster_training_pairs(encode_pairs, dataset, *, k: int, iters: int, init: Tensor | None, chunk_size: int,
+                           seed: int, batch_size: int, num_workers: int, device, autocast, world: int = 1,
+                           rank: int = 0, progress: bool = True) -> tuple[Tensor, Tensor, KMeansResult | None]:
+    """Online k-means of §3.4 over the training pairs: every rank encodes a contiguous share of `dataset`
+    (no augmentation), the features are gathered in dataset order, rank 0 clusters them and broadcasts.
+
+    Returns (labels by dataset index, centroids (k, F) zero-padded when there are fewer points than k, and
+    rank 0's KMeansResult for logging; None elsewhere)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from . import distributed as dist
+    from .data import collate
+
+    bounds = [len(dataset) * r // world for r in range(world + 1)]
+    share = Subset(dataset, range(bounds[rank], bounds[rank + 1]))
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    (x,) = dist.all_gather_rows(pair_features(encode_pairs, loader, device, autocast, progress and rank == 0))
+    labels = torch.zeros(len(dataset), dtype=torch.long, device=device)
+    centroids = torch.zeros(k, x.size(1), device=device)
+    result = None
+    if rank == 0:
+        result = spherical_kmeans(x, min(k, x.size(0)), iters=iters, init=init, chunk_size=chunk_size, seed=seed,
+                                  progress=progress)
+        labels.copy_(result.labels)
+        centroids[: result.centroids.size(0)].copy_(result.centroids)
+    return dist.broadcast(labels), dist.broadcast(centroids), result

@@ -101,9 +101,9 @@ DEFAULTS: dict[str, Any] = {
         "mask_own_image": False,  # drop queue entries of the anchor's own image from its negatives
         "concept_weight": 1.0,  # L_DCL^C in Eq. 8
         "pgc_weight": 1.0,  # L_PGC in Eq. 8
-        "uto_alpha": 90.0,  # USER's UTO (USER)
+        # USER's UTO; its batch term is weighted by instance_weight (USER's lambda), its queue term by memory_weight
+        "uto_alpha": 90.0,
         "uto_eps": 0.5,
-        "uto_lambda": 20.0,
     },
     "cluster": {  # online k-means for PGC labels (§3.4)
         "k": 10000,
@@ -125,7 +125,9 @@ DEFAULTS: dict[str, Any] = {
         # the concept losses' larger gradients do not rescale the instance ones; all: one norm over everything
         "grad_clip_scope": "branch",
         "seed": 0,
-        "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
+        # mixed precision of the encoders (the losses always run in float32): auto = bf16 on GPUs with native
+        # bf16 (Ampere and later), fp16 with a gradient scaler on older ones, off on the CPU
+        "amp": "auto",
         "deterministic": False,
         "log_every": 10,
         "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
@@ -158,13 +160,15 @@ def merge(base: dict, override: dict, prefix: str = "") -> None:
     for key, value in override.items():
         path = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key '{path}'")
+            moved = f": it is retired, use {MOVED_KEYS[path]}" if path in MOVED_KEYS else ""
+            raise ConfigError(f"unknown config key '{path}'{moved}")
         default = base[key]
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
             merge(default, value, prefix=f"{path}.")
         else:
+            value = LEGACY_VALUES.get(path, {}).get(value, value) if isinstance(value, bool) else value
             base[key] = _check_type(path, default, value)
 
 
@@ -247,13 +251,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 
 
 # keys of older versions, dropped when a checkpoint's config is read (their job moved or they did nothing)
-RETIRED_KEYS = ("method", "data.demo", "data.demo_train_images", "data.demo_dev_images", "data.demo_test_images",
-                "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
+RETIRED_KEYS = ("method", "loss.uto_lambda", "data.demo", "data.demo_train_images", "data.demo_dev_images",
+                "data.demo_test_images", "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
 
 
 # keys added later whose default changed what the code did: a config written before the key existed gets
 # the older behaviour, so its run resumes as it started
 EARLIER_BEHAVIOUR = {"loss.dcl_positive": "paper", "train.grad_clip_scope": "all"}
+
+# keys whose job another key took over: named in the error for a config that still sets them
+MOVED_KEYS = {"loss.uto_lambda": "loss.instance_weight (UTO's batch term is Eq. 8's instance term; its queue "
+                                 "term is weighted by loss.memory_weight)"}
+# values of older versions, translated where a config or checkpoint is read
+LEGACY_VALUES = {"train.amp": {True: "auto", False: "off"}}
 
 
 def _holder(data: dict, dotted: str) -> tuple[dict | None, str]:
@@ -275,6 +285,10 @@ def from_dict(data: dict) -> dict:
         node, last = _holder(data, dotted)
         if node is not None:
             node.setdefault(last, value)
+    loss = data.get("loss")
+    if isinstance(loss, dict) and "uto_lambda" in loss and loss.get("instance") == "uto":
+        # UTO once ignored the Eq. 8 weights and used lambda_uto x batch + queue
+        loss["instance_weight"], loss["memory_weight"] = loss["uto_lambda"], 1.0
     for dotted in RETIRED_KEYS:
         node, last = _holder(data, dotted)
         if node is not None:
@@ -287,16 +301,24 @@ def from_dict(data: dict) -> dict:
 _CHOICES = {
     "data.prepare": ("", "demo"),
     "data.dataset": ("f30k", "coco"),
-    "model.aggregator": ("gpo", "mean", "max"),
-    "model.concept.encoder": ("none", "cvse"),
-    "model.concept.score": ("bilinear", "cvse"),
     "model.concept.query_source": ("heads", "instance"),
-    "loss.instance": ("triplet", "infonce", "dcl", "dcl_implicit", "uto"),
-    "loss.dcl_positive": ("paper", "unscaled"),
     "train.optimizer": ("adam", "adamw"),
     "train.grad_clip_scope": ("all", "branch"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.device": ("auto", "cpu", "cuda"),
 }
+
+
+def choices() -> dict[str, tuple]:
+    """Every key with a fixed set of values; where a module owns the names (a registry), they come from it."""
+    from .losses.dcl import POSITIVE_FORMS
+    from .losses.objective import INSTANCE_LOSSES
+    from .models.aggregators import AGGREGATORS
+    from .models.concept import CONCEPT_ENCODERS, CONCEPT_SCORES
+
+    return {**_CHOICES, "model.aggregator": tuple(AGGREGATORS), "model.concept.encoder": CONCEPT_ENCODERS,
+            "model.concept.score": CONCEPT_SCORES, "loss.instance": tuple(INSTANCE_LOSSES),
+            "loss.dcl_positive": POSITIVE_FORMS}
 
 
 def get(cfg: dict, dotted: str) -> Any:
@@ -308,9 +330,9 @@ def get(cfg: dict, dotted: str) -> Any:
 
 def validate(cfg: dict) -> None:
     """Cross-key checks the type schema cannot express."""
-    for key, choices in _CHOICES.items():
-        if get(cfg, key) not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {choices}, got {get(cfg, key)!r}")
+    for key, allowed in choices().items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {get(cfg, key)!r}")
     for key in ("train.epochs", "train.batch_size", "model.embed_dim", "model.momentum.queue_size", "cluster.k"):
         if get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")

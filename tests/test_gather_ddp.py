@@ -15,10 +15,10 @@ import torch.distributed as dist
 from torch import nn
 
 from coder.config import load_config
-from coder.engine import TrainStep
-from coder.losses.objective import Objective
+from coder.losses.objective import build_objective
 from coder.models.model import ITRModel
 from coder.models.text import tiny_bert
+from coder.step import ContrastiveStep
 from tests.ddp import join_group, spawn
 
 WORLD, BATCH = 2, 8
@@ -28,14 +28,14 @@ OVERRIDES = ["model.region_dim=16", "model.num_regions=5", "model.embed_dim=24",
 
 
 
-def build(gather: bool) -> TrainStep:
+def build(gather: bool) -> ContrastiveStep:
     cfg = load_config(None, OVERRIDES)
     rng = np.random.default_rng(0)
     concepts = {"counts": rng.integers(1, 9, 7), "cooccurrence": np.ones((7, 7)) - np.eye(7),
                 "glove": rng.normal(size=(7, 6)).astype(np.float32)}
     torch.manual_seed(0)
     model = ITRModel(cfg["model"], tiny_bert(vocab_size=100), concepts)
-    return TrainStep(model, Objective(cfg), gather_batch=gather).eval()
+    return ContrastiveStep(model, build_objective(cfg), gather_batch=gather).eval()
 
 
 def data() -> tuple[dict, torch.Tensor]:
@@ -50,7 +50,7 @@ def data() -> tuple[dict, torch.Tensor]:
 
 
 def loss_and_grads(step: nn.Module, batch: dict, labels: torch.Tensor) -> dict:
-    loss, _, _, _ = step(batch, 1, labels)
+    loss, _, _ = step(batch, 1, labels)
     loss.backward()
     named = step.module.named_parameters() if isinstance(step, nn.parallel.DistributedDataParallel) \
         else step.named_parameters()

@@ -17,7 +17,7 @@ def tiny_coder(root, bert_dir, *overrides):
 def test_branch_groups_split_the_concept_branch_and_the_pgc_classifier_from_the_rest(tiny_coder_data,
                                                                                      tiny_bert_dir, tmp_path):
     trainer = Trainer(tiny_coder(tiny_coder_data, tiny_bert_dir), tmp_path, progress=False)
-    trainer.writer.close()
+    trainer.log.close()
     trainable = {id(p) for p in trainer.step_module.parameters() if p.requires_grad}
     concept = {id(p) for p in [*trainer.model.concept.parameters(), *trainer.objective.prototypes.parameters()]
                if p.requires_grad}
@@ -40,7 +40,7 @@ def test_instance_branch_steps_ignore_the_concept_loss_only_when_clipped_apart(t
                          f"loss.concept_weight={weight}")
         trainer = Trainer(cfg, tmp_path / f"{scope}_{weight}", progress=False)
         trainer.train_epoch(0)  # PGC starts at epoch 1: L_DCL^C is the only concept term here
-        trainer.writer.close()
+        trainer.log.close()
         trained[weight] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
                            if not n.startswith("concept.") and not n.startswith("momentum.")}
     same = all(torch.allclose(trained[1.0][n], trained[0.0][n], rtol=0, atol=1e-7) for n in trained[0.0])

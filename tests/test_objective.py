@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coder.config import load_config
-from coder.losses.objective import Bank, Objective
+from coder.losses.objective import Bank, Objective, build_objective
 
 MU, GAMMA, EPS = 0.1, 0.3, 0.1
 B, Q, F, K = 6, 10, 8, 5
@@ -58,7 +58,7 @@ def inputs(seed=0):
 
 def objective(*overrides):
     cfg = load_config("configs/f30k_coder.yaml", [f"model.embed_dim={F}", f"cluster.k={K}", *overrides])
-    obj = Objective(cfg).double()
+    obj = build_objective(cfg).double()
     if obj.prototypes is None:
         return obj
     with torch.no_grad():  # a fixed, non-trivial P^C
@@ -154,7 +154,7 @@ def test_pgc_labels_are_looked_up_by_dataset_index_in_a_real_step(tiny_coder_dat
     try:
         trainer.train_epoch(1)  # PGC is active from cluster.start_epoch = 1
     finally:
-        trainer.writer.close()
+        trainer.log.close()
     assert len(seen) == 2
     for index, image_index, labels in seen:
         assert labels is not None and torch.equal(labels, known[index])

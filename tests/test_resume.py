@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, {repo!r})
 import coder.engine as engine  # noqa: E402
+from coder.losses.objective import Objective  # noqa: E402
 import train  # noqa: E402
 
 KILL_AT, MARKER = os.environ["KILL_AT"], Path(os.environ["KILL_MARKER"])
@@ -52,7 +53,7 @@ def atomic_save_and_note(state, path):
         saved_mid_epoch.append(state["global_step"])
 
 
-forward = engine.Objective.forward
+forward = Objective.forward
 
 
 def forward_or_block(self, *args, **kwargs):
@@ -72,7 +73,7 @@ def validate_or_block(self, epoch):
 
 
 engine.atomic_save = atomic_save_and_note
-engine.Objective.forward = forward_or_block
+Objective.forward = forward_or_block
 engine.Trainer.validate = validate_or_block
 sys.exit(train.main(sys.argv[1:]))
 """

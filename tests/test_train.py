@@ -33,7 +33,7 @@ CODER_INSTANCE = ["loss.instance=dcl", "loss.instance_weight=3.0", "loss.memory_
                   "train.weight_decay=0.0", "train.text_lr_mult=1.0"]
 
 
-USER = ["loss.instance=uto", "loss.instance_weight=1.0", "loss.uto_lambda=20.0",
+USER = ["loss.instance=uto", "loss.instance_weight=20.0", "loss.memory_weight=1.0",
         "model.momentum.enabled=true", "model.momentum.m=0.999", "model.momentum.queue_size=200",
         "model.user.sge=true", "model.user.cge=true", "data.clip_features=true", "data.region_dropout=0.0"]
 

@@ -152,10 +152,12 @@ def dcl_bidirectional(
     gamma: float = 0.3,
     div_rows: Tensor | None = None,
     div_cols: Tensor | None = None,
+    positive: str = "paper",
 ) -> Tensor:
     """L_DCL(V, W) = l(V, W) + l(W, V) on a square (N, N) batch matrix (Eq. 4/5).
 
     `div_rows` are the diversities of the row anchors (images), `div_cols` of the column anchors
-    (texts, i.e. the rows of sims.T); None for both gives DCL-I.
+    (texts, i.e. the rows of sims.T); None for both gives DCL-I. `positive` as in `dcl`.
     """
-    return dcl(sims, mu=mu, gamma=gamma, div=div_rows) + dcl(sims.t(), mu=mu, gamma=gamma, div=div_cols)
+    return dcl(sims, mu=mu, gamma=gamma, div=div_rows, positive=positive) + \
+        dcl(sims.t(), mu=mu, gamma=gamma, div=div_cols, positive=positive)

@@ -1,125 +1,156 @@
-"""The training objective: the terms of Eq. 8 (or a baseline / USER's UTO) composed from the `loss` config.
+"""The training objective: the weighted sum of Eq. 8's terms, L = lambda L_DCL^I + L_M-DCL^I + L_DCL^C + L_PGC.
 
-L = lambda L_DCL^I + L_M-DCL^I + L_DCL^C + L_PGC (Eq. 8), each weight a config key. The instance term can be
-swapped for the baselines of the ablations (triplet, InfoNCE, implicit DCL) or for USER's UTO. The objective
-sees plain tensors only: the model's embeddings and, with momentum encoders, a `Bank` of queue contents.
+`build_objective(cfg)` is the one reader of the `loss` config: it picks the instance term from a registry
+(Eq. 5, the ablations' baselines, USER's UTO, or a loss registered with `register_instance_loss`) and
+adds the memory, concept and PGC terms the model supports. `Objective` sums whatever terms it is given;
+every term is computed in float32 outside autocast, whatever precision the encoders ran in.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
-from .dcl import dcl, diversity
-from .infonce import infonce
-from .pgc import PrototypeClassifier, pgc
-from .triplet import triplet
-from .uto import uto
+from ..config import DEFAULTS, ConfigError
+from .terms import (
+    PGC,
+    Bank,
+    ConceptDCL,
+    Diversity,
+    InfoNCE,
+    InstanceDCL,
+    MemoryDCL,
+    Term,
+    TermInputs,
+    Triplet,
+    UTOBatch,
+    UTOQueue,
+)
 
+__all__ = ["Objective", "build_objective", "register_instance_loss", "INSTANCE_LOSSES", "Bank"]
 
-class Bank(NamedTuple):
-    """The coupled memory banks B_v (image keys) and B_w (caption keys) with the image id of each entry."""
-
-    v: Tensor
-    w: Tensor
-    ids_v: Tensor
-    ids_w: Tensor
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class Objective(nn.Module):
-    """Holds the loss settings and the training-only parameters (the PGC classifier P^C)."""
+    """sum_t weight_t x term_t (Eq. 8) over the terms active in this step (e.g. PGC once labels exist)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, terms: dict[str, tuple[float, Term]]):
         super().__init__()
-        self.loss = cfg["loss"]
-        self.kind = self.loss["instance"]
-        concept = cfg["model"]["concept"]["enabled"]
-        self.use_concept_dcl = concept and self.loss["concept_weight"] > 0
-        self.prototypes = None
-        if concept and self.loss["pgc_weight"] > 0:
-            self.prototypes = PrototypeClassifier(cfg["cluster"]["k"], cfg["model"]["embed_dim"])  # P^C, Eq. 7
+        self.terms = nn.ModuleDict({name: term for name, (_, term) in terms.items()})
+        self.weights = {name: weight for name, (weight, _) in terms.items()}
 
-    # ---------------------------------------------------------------------------------------- helpers
-    def _diversity(self, sims: Tensor, bank_sims: Tensor | None) -> Tensor:
-        """Eq. 3 for the anchors of `sims`' rows; with a bank, the mean of batch and bank estimates."""
-        eps = self.loss["eps"]
-        if self.loss["detach_diversity"]:
-            sims = sims.detach()
-            bank_sims = bank_sims.detach() if bank_sims is not None else None
-        div = diversity(sims, eps=eps)
-        if bank_sims is not None and self.loss["bank_diversity"]:
-            div = (div + diversity(bank_sims, eps=eps)) / 2  # §3.3: average of batch- and bank-level values
-        return div
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """Batch fields some term reads (gathered from every rank with the embeddings under DDP)."""
+        return tuple(sorted({f for term in self.terms.values() for f in term.batch_fields}))
 
-    def _two_way(self, sims_v: Tensor, sims_w: Tensor, div_v: Tensor | None, div_w: Tensor | None,
-                 pos_v: Tensor | None = None, pos_w: Tensor | None = None, mask_v: Tensor | None = None,
-                 mask_w: Tensor | None = None) -> Tensor:
-        """l(V -> W) + l(W -> V) (Eq. 4/5; Eq. 6 with positives `pos_*` and bank similarities)."""
-        cfg = self.loss
-        settings = {"mu": cfg["mu"], "gamma": cfg["gamma"], "positive": cfg["dcl_positive"]}
-        return dcl(sims_v, pos_sims=pos_v, div=div_v, neg_mask=mask_v, **settings) + \
-            dcl(sims_w, pos_sims=pos_w, div=div_w, neg_mask=mask_w, **settings)
+    @property
+    def prototypes(self) -> nn.Module | None:
+        """P^C of Eq. 7, when the objective has a PGC term (it trains with the concept branch)."""
+        return self.terms["pgc"].classifier if "pgc" in self.terms else None
 
-    def _instance(self, sims: Tensor, div_v: Tensor, div_w: Tensor, epoch: int) -> Tensor:
-        if self.kind == "triplet":
-            return triplet(sims, self.loss["margin"], hardest=epoch >= self.loss["warmup_epochs"])
-        if self.kind == "infonce":
-            return infonce(sims, self.loss["temperature"])
-        if self.kind == "dcl_implicit":  # Eq. 4
-            return self._two_way(sims, sims.t(), None, None)
-        return self._two_way(sims, sims.t(), div_v, div_w)  # Eq. 5
+    def needs_labels(self, epoch: int) -> bool:
+        """Whether a term reads k-means prototype labels in this epoch (PGC from cluster.start_epoch, §3.4)."""
+        return "pgc" in self.terms and epoch >= self.terms["pgc"].start_epoch
 
-    def _memory(self, out: dict[str, Tensor], batch: dict, bank: Bank, bank_w: Tensor, bank_v: Tensor,
-                div_v: Tensor | None, div_w: Tensor | None) -> Tensor:
-        """Eq. 6, M-DCL: batch anchors against the opposite modality's bank; the paired momentum key is
-        the positive."""
-        mask_w = mask_v = None
-        if self.loss["mask_own_image"]:
-            own = batch["image_index"].to(bank.ids_w.device)[:, None]
-            mask_w, mask_v = bank.ids_w[None, :] == own, bank.ids_v[None, :] == own
-        pos_v = (out["v_i"] * out["w_key"]).sum(-1)
-        pos_w = (out["w_i"] * out["v_key"]).sum(-1)
-        return self._two_way(bank_w, bank_v, div_v, div_w, pos_v, pos_w, mask_w, mask_v)
-
-    def _concept(self, out: dict[str, Tensor]) -> Tensor:
-        """L_DCL^C: DCL between concept-level embeddings, batch-only diversity (Eq. 5 on v^C, w^C)."""
-        c_sims = out["v_c"] @ out["w_c"].t()
-        return self._two_way(c_sims, c_sims.t(), self._diversity(c_sims, None), self._diversity(c_sims.t(), None))
-
-    def _uto(self, out: dict[str, Tensor], bank: Bank | None) -> tuple[Tensor, dict, dict]:
-        cfg = self.loss
-        total, terms = uto(out["v_i"], out["w_i"], out.get("v_key"), out.get("w_key"),
-                                bank.v if bank is not None else None, bank.w if bank is not None else None,
-                                alpha=cfg["uto_alpha"], eps=cfg["uto_eps"], lambda_uto=cfg["uto_lambda"])
-        return total, terms, {}
-
-    # -------------------------------------------------------------------------------------------- total
-    def forward(self, out: dict[str, Tensor], batch: dict[str, Tensor], epoch: int, bank: Bank | None = None,
+    def forward(self, out: dict[str, Tensor], batch: dict, epoch: int, bank: Bank | None = None,
                 labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Total loss, the terms before weighting (for logging), and diagnostics (diversity values)."""
-        if self.kind == "uto":
-            return self._uto(out, bank)
-        cfg = self.loss
-        v, w = out["v_i"], out["w_i"]
-        sims = v @ w.t()  # S_nq = cos(v_n, w_q)
-        bank_w = bank_v = None  # similarities of batch anchors to the opposite modality's bank
-        if bank is not None:
-            bank_w, bank_v = v @ bank.w.t(), w @ bank.v.t()
-        diag: dict[str, Tensor] = {}
-        div_v = div_w = None
-        if self.kind == "dcl":
-            div_v, div_w = self._diversity(sims, bank_w), self._diversity(sims.t(), bank_v)
-            diag["diversity_v"], diag["diversity_w"] = div_v.detach(), div_w.detach()
+        device = next(iter(out.values())).device.type
+        with torch.autocast(device, enabled=False):  # bf16 sims would round the logits DCL/UTO sharpen
+            out = {name: value.float() if value.dtype in _HALF else value for name, value in out.items()}
+            if bank is not None:
+                bank = Bank(*(t.float() if t.dtype in _HALF else t for t in bank))
+            inputs = TermInputs(out, batch, epoch, bank, labels)
+            terms = {name: term(inputs) for name, term in self.terms.items() if term.active(inputs)}
+            total = sum(self.weights[name] * value for name, value in terms.items())  # Eq. 8
+        return total, terms, inputs.diag
 
-        terms = {"instance": self._instance(sims, div_v, div_w, epoch)}
-        weights = {"instance": cfg["instance_weight"]}
-        if bank is not None and cfg["memory_weight"] > 0:
-            terms["memory"], weights["memory"] = self._memory(out, batch, bank, bank_w, bank_v, div_v, div_w), \
-                cfg["memory_weight"]
-        if self.use_concept_dcl:
-            terms["concept"], weights["concept"] = self._concept(out), cfg["concept_weight"]
-        if self.prototypes is not None and labels is not None:  # Eq. 7
-            terms["pgc"] = pgc(self.prototypes(out["v_c"]), self.prototypes(out["w_c"]), labels)
-            weights["pgc"] = cfg["pgc_weight"]
-        total = sum(weights[name] * term for name, term in terms.items())  # Eq. 8
-        return total, terms, diag
+
+# ---------------------------------------------------------------------------------------------- factory
+@dataclass(frozen=True)
+class InstanceLoss:
+    """A registered instance term: its builder (from the `loss` config) and the loss keys it reads, and the
+    same for its memory-bank counterpart (M-DCL, Eq. 6, unless the loss brings its own)."""
+
+    build: Callable[[dict], Term]
+    keys: tuple[str, ...]
+    memory: Callable[[dict], Term]
+    memory_keys: tuple[str, ...]
+
+
+INSTANCE_LOSSES: dict[str, InstanceLoss] = {}
+
+_DCL_KEYS = ("mu", "gamma", "dcl_positive")
+_DIVERSITY_KEYS = ("eps", "detach_diversity", "bank_diversity")
+
+
+def _diversity(loss: dict) -> Diversity:
+    return Diversity(loss["eps"], loss["detach_diversity"], loss["bank_diversity"])
+
+
+def _dcl(loss: dict, with_diversity: bool) -> dict:
+    return {"mu": loss["mu"], "gamma": loss["gamma"], "positive": loss["dcl_positive"],
+            "diversity": _diversity(loss) if with_diversity else None}
+
+
+def _memory_dcl(loss: dict, with_diversity: bool = False) -> MemoryDCL:
+    return MemoryDCL(**_dcl(loss, with_diversity), mask_own_image=loss["mask_own_image"])
+
+
+def register_instance_loss(name: str, build: Callable[[dict], Term], keys: tuple[str, ...] = (),
+                           memory: Callable[[dict], Term] = _memory_dcl,
+                           memory_keys: tuple[str, ...] = _DCL_KEYS + ("mask_own_image",)) -> None:
+    """Make `loss.instance: <name>` build `build(loss_cfg)`; `keys` are the `loss` keys it reads. With momentum
+    banks its memory term is M-DCL (Eq. 6) unless `memory` builds another."""
+    INSTANCE_LOSSES[name] = InstanceLoss(build, keys, memory, memory_keys)
+
+
+register_instance_loss("dcl", lambda loss: InstanceDCL(**_dcl(loss, True)), _DCL_KEYS + _DIVERSITY_KEYS,
+                       memory=lambda loss: _memory_dcl(loss, True),  # Eq. 5's diversity weights M-DCL too
+                       memory_keys=_DCL_KEYS + _DIVERSITY_KEYS + ("mask_own_image",))
+register_instance_loss("dcl_implicit", lambda loss: InstanceDCL(**_dcl(loss, False)), _DCL_KEYS)  # Eq. 4
+register_instance_loss("triplet", lambda loss: Triplet(loss["margin"], loss["warmup_epochs"]),
+                       ("margin", "warmup_epochs"))
+register_instance_loss("infonce", lambda loss: InfoNCE(loss["temperature"]), ("temperature",))
+_UTO_KEYS = ("uto_alpha", "uto_eps")
+register_instance_loss("uto", lambda loss: UTOBatch(loss["uto_alpha"], loss["uto_eps"]), _UTO_KEYS,  # USER
+                       memory=lambda loss: UTOQueue(loss["uto_alpha"], loss["uto_eps"]), memory_keys=_UTO_KEYS)
+
+
+def build_objective(cfg: dict) -> Objective:
+    """The Eq. 8 objective of a resolved config: the instance term, M-DCL with momentum banks, L_DCL^C and
+    L_PGC with the concept branch; a term whose weight is 0 is not built."""
+    loss, model = cfg["loss"], cfg["model"]
+    if loss["instance"] not in INSTANCE_LOSSES:
+        raise ConfigError(f"config key 'loss.instance' must be one of {tuple(INSTANCE_LOSSES)}, got "
+                          f"{loss['instance']!r}")
+    chosen = INSTANCE_LOSSES[loss["instance"]]
+    terms: dict[str, tuple[float, Term]] = {"instance": (loss["instance_weight"], chosen.build(loss))}
+    used = set(chosen.keys)
+    if model["momentum"]["enabled"] and loss["memory_weight"] > 0:
+        terms["memory"] = (loss["memory_weight"], chosen.memory(loss))
+        used |= set(chosen.memory_keys)
+    if model["concept"]["enabled"] and loss["concept_weight"] > 0:
+        terms["concept"] = (loss["concept_weight"],
+                            ConceptDCL(loss["mu"], loss["gamma"], loss["dcl_positive"], _diversity(loss)))
+        used |= set(_DCL_KEYS + ("eps", "detach_diversity"))
+    if model["concept"]["enabled"] and loss["pgc_weight"] > 0:
+        terms["pgc"] = (loss["pgc_weight"], PGC(cfg["cluster"]["k"], model["embed_dim"], cfg["cluster"]["start_epoch"]))
+    _reject_unused(loss, used, tuple(terms))
+    return Objective(terms)
+
+
+_WEIGHTS = ("instance", "instance_weight", "memory_weight", "concept_weight", "pgc_weight")
+
+
+def _reject_unused(loss: dict, used: set[str], terms: tuple[str, ...]) -> None:
+    """A `loss` key set away from its default that no built term reads is a mistake, not a no-op."""
+    defaults = DEFAULTS["loss"]
+    for key, value in loss.items():
+        if key not in _WEIGHTS and key not in used and key in defaults and value != defaults[key]:
+            raise ConfigError(f"config key 'loss.{key}' is set ({value!r}) but no term of this objective "
+                              f"({', '.join(terms)}; loss.instance '{loss['instance']}') reads it")

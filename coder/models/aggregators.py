@@ -81,8 +81,10 @@ class MaxPool(nn.Module):
         return features.masked_fill(~mask, float("-inf")).amax(dim=1)
 
 
+AGGREGATORS = {"gpo": GPO, "mean": MeanPool, "max": MaxPool}  # model.aggregator
+
+
 def build_aggregator(name: str) -> nn.Module:
-    builders = {"gpo": GPO, "mean": MeanPool, "max": MaxPool}
-    if name not in builders:
-        raise ValueError(f"unknown aggregator '{name}', expected one of {sorted(builders)}")
-    return builders[name]()
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator '{name}', expected one of {sorted(AGGREGATORS)}")
+    return AGGREGATORS[name]()

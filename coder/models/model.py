@@ -1,5 +1,6 @@
 """The retrieval model (CODER Fig. 2): encoders, optional concept branch, optional momentum key encoders
-with coupled memory banks. It knows nothing about losses or training; it maps inputs to embeddings.
+with coupled memory banks. It knows nothing about losses or training; it maps inputs to embeddings (the
+training step, coder/step.py, drives the momentum encoders and the banks).
 
 Embedding names follow the paper: v_i / w_i are the instance-level v^I / w^I, v_c / w_c the concept-level
 v^C / w^C; v_key / w_key are the momentum encoders' keys that fill the banks B_v / B_w.
@@ -138,16 +139,13 @@ class ITRModel(nn.Module):
 
     def forward(self, regions: Tensor, region_lengths: Tensor, input_ids: Tensor, text_lengths: Tensor,
                 clip: Tensor | None = None) -> dict[str, Tensor]:
-        """Training forward: query embeddings of both modalities, plus momentum keys when banks exist."""
+        """Training forward: the query embeddings of both modalities (the momentum keys are the step's)."""
         w_i, states = self.text_encoder(input_ids, text_lengths)
         out = {"v_i": self.image_encoder(regions, region_lengths, clip), "w_i": w_i}
         if self.concept is not None:
             basis = self.concept.gcn()  # Y is shared by both modalities: computed once per step
             out["v_c"] = self.concept.encode_image(regions, region_lengths, basis, v_i=out["v_i"])
             out["w_c"] = self.concept.encode_text(states, text_lengths, basis, w_i=w_i)
-        if self.momentum is not None:
-            out["v_key"], out["w_key"] = self.momentum.keys(
-                self.image_encoder, self.text_encoder, regions, region_lengths, input_ids, text_lengths, clip)
         return out
 
 

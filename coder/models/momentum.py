@@ -137,13 +137,15 @@ class MomentumContrast(nn.Module):
         w_key = self.key_text_encoder(input_ids, text_lengths)[0]
         return v_key, w_key
 
-    def bank(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The banks as plain tensors for the loss: B_v, B_w and the image id of each entry."""
-        return self.queue_v.features, self.queue_w.features, self.queue_v.ids, self.queue_w.ids
+    def snapshot(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Copies of the banks for the loss: B_v, B_w and the image id of each entry. A copy (MoCo's
+        `queue.clone().detach()`), so the enqueue that follows cannot change what the loss saw."""
+        return tuple(t.clone() for t in (self.queue_v.features, self.queue_w.features, self.queue_v.ids,
+                                         self.queue_w.ids))
 
     @torch.no_grad()
     def enqueue(self, v_key: Tensor, w_key: Tensor, image_ids: Tensor) -> None:
-        """FIFO update after the loss step; keys are all-gathered across ranks inside the queue."""
+        """FIFO update with a step's keys; keys are all-gathered across ranks inside the queue."""
         self.queue_v.enqueue(v_key, image_ids)
         self.queue_w.enqueue(w_key, image_ids)
 
