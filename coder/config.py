@@ -28,10 +28,10 @@ DEFAULTS: dict[str, Any] = {
         "train_split": "train",
         "val_split": "dev",
         "test_split": "test",  # COCO: testall (5-fold 1K + 5K)
-        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions (precomp format of SCAN/VSE-infinity)
+        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions
         "captions_per_image": 5,
         "max_words": 32,
-        "augment": True,  # VSE-infinity's training augmentations (precomp format of SCAN/VSE-infinity)
+        "augment": True,  # VSE-infinity's training augmentations
         "region_dropout": 0.2,
         "word_corruption": 0.2,
         "num_workers": 0,
@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
             "m": 0.995,
             "queue_size": 4096,
         },
-        "user": {  # USER's enhancement modules (USER)
+        "user": {  # USER's enhancement modules (GSE: SGE and CGE)
             "sge": False,
             "cge": False,
             "dropout": 0.4,  # SGE dropout (USER's code)
@@ -82,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "loss": {
         # instance-level batch loss: triplet (VSE++ hardest negatives) | infonce | dcl (Eq. 5) |
-        # dcl_implicit (Eq. 4) | uto (USER)
+        # dcl_implicit (Eq. 4) | uto (USER's UTO) | any name given to register_instance_loss
         "instance": "dcl",
         "instance_weight": 3.0,  # lambda in Eq. 8
         "margin": 0.2,  # triplet margin

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .checkpoint import (
+    PROGRESS_KEYS,
     atomic_save,
     best_model_state,
     load_checkpoint,
@@ -116,6 +117,61 @@ class ResumeSampler(Sampler):
         return len(self.sampler) - self.skip_batches * self.batch_size
 
 
+def training_split(cfg: dict, tokenizer, train: bool) -> PrecompDataset:
+    """The training split, augmented (VSE-infinity's region dropout and word corruption) or plain."""
+    data = cfg["data"]
+    return PrecompDataset(
+        data["root"], data["train_split"], tokenizer, max_words=data["max_words"], train=train,
+        region_dropout=data["region_dropout"] if train else 0.0,
+        word_corruption=data["word_corruption"] if train else 0.0,
+        captions_per_image=data["captions_per_image"], load_clip=data["clip_features"],
+        clip_dim=cfg["model"]["user"]["clip_dim"], seed=cfg["train"]["seed"])
+
+
+def training_data(cfg: dict, tokenizer, world: int, rank: int, pin_memory: bool):
+    """(dataset, sampler, loader, the loader's generator) of the training split for this process."""
+    data, batch = cfg["data"], cfg["train"]["batch_size"]
+    dataset = training_split(cfg, tokenizer, train=data["augment"])
+    if dataset.region_dim != cfg["model"]["region_dim"]:
+        raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
+                          f"{data['root']}/{data['train_split']}_ims.npy has {dataset.region_dim}-d regions")
+    if len(dataset) < batch * world:
+        raise ConfigError(f"config key 'train.batch_size' ({batch}) x {world} process(es) exceeds the "
+                          f"{len(dataset)} training captions in {data['root']}")
+    sampler = ResumeSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                               seed=cfg["train"]["seed"], drop_last=True), batch)
+    # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a run resumed
+    # mid-epoch (which starts one more iterator after restoring that RNG) would drift from an uninterrupted one.
+    generator = torch.Generator()
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, collate_fn=collate,
+                        num_workers=data["num_workers"], pin_memory=pin_memory, persistent_workers=False,
+                        generator=generator)
+    return dataset, sampler, loader, generator
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, groups: dict, clip: float) -> dict:
+    """Backward (loss-scaled under fp16), per-group gradient clipping, the optimizer step; returns the
+    gradient norms before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients
+    norms = {name: nn.utils.clip_grad_norm_(group, clip) for name, group in groups.items() if group} \
+        if clip > 0 else {}
+    scaler.step(optimizer)
+    scaler.update()
+    return norms
+
+
+def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_batchnorm: bool) -> nn.Module:
+    """The step as DistributedDataParallel over `world` processes (itself in one process)."""
+    if world == 1:
+        return step
+    if device.type == "cuda" and sync_batchnorm:
+        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    return nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=step.objective.prototypes is not None)
+
+
 # -------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: dict, output_dir: str | Path, resume: str | None = None, progress: bool = True):
@@ -134,18 +190,14 @@ class Trainer:
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
         self.objective = build_objective(cfg).to(self.device)
-        self.step_module: nn.Module = ContrastiveStep(self.model, self.objective, tcfg["gather_batch"])
-        if self.world > 1 and self.device.type == "cuda" and tcfg["sync_batchnorm"]:
-            self.step_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.step_module)
-        if self.world > 1:
-            self.step_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.objective.prototypes is not None)
+        self.step_module = data_parallel(ContrastiveStep(self.model, self.objective, tcfg["gather_batch"]),
+                                         self.device, self.world, tcfg["sync_batchnorm"])
         self.optimizer = build_optimizer(self.step_module, tcfg, self.model.text_encoder.backbone)
         self.amp = amp_dtype(tcfg["amp"], self.device)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self._build_data()
+        self.train_set, self.sampler, self.train_loader, self.loader_generator = training_data(
+            cfg, self.tokenizer, self.world, self.rank, pin_memory=self.device.type == "cuda")
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
@@ -161,37 +213,6 @@ class Trainer:
             self.log = TrainLogger(self.out_dir, purge_step=self.global_step or None,
                                    config_text=dump(cfg) if self.global_step == 0 else None)
 
-    def _build_data(self) -> None:
-        cfg, data = self.cfg, self.cfg["data"]
-        self.train_set = self._dataset(train=data["augment"])
-        if self.train_set.region_dim != cfg["model"]["region_dim"]:
-            raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
-                             f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")
-        batch = cfg["train"]["batch_size"]
-        if len(self.train_set) < batch * self.world:
-            raise ConfigError(f"config key 'train.batch_size' ({batch}) x {self.world} process(es) exceeds the "
-                             f"{len(self.train_set)} training captions in {data['root']}")
-        base = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                  seed=cfg["train"]["seed"], drop_last=True)
-        self.sampler = ResumeSampler(base, batch)
-        # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a run resumed
-        # mid-epoch (which starts one more iterator after restoring that RNG) would drift from an uninterrupted one.
-        self.loader_generator = torch.Generator()
-        self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
-                                       collate_fn=collate, num_workers=data["num_workers"],
-                                       pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                       generator=self.loader_generator)
-
-    def _dataset(self, train: bool) -> PrecompDataset:
-        """The training split, augmented (VSE-infinity's region dropout and word corruption) or plain."""
-        data = self.cfg["data"]
-        return PrecompDataset(
-            data["root"], data["train_split"], self.tokenizer, max_words=data["max_words"], train=train,
-            region_dropout=data["region_dropout"] if train else 0.0,
-            word_corruption=data["word_corruption"] if train else 0.0,
-            captions_per_image=data["captions_per_image"], load_clip=data["clip_features"],
-            clip_dim=self.cfg["model"]["user"]["clip_dim"], seed=self.cfg["train"]["seed"])
-
     def steps_per_epoch(self) -> int:
         full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
         cap = self.cfg["train"]["max_steps_per_epoch"]
@@ -200,8 +221,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
     def save_last(self) -> None:
         if dist.is_main():
-            progress = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                        "best_rsum": self.best_rsum, "best_epoch": self.best_epoch, "best_beta": self.best_beta}
+            progress = {key: getattr(self, key) for key in PROGRESS_KEYS}
             atomic_save(training_state(self.cfg, self.model, self.objective, self.optimizer, self.scaler, progress,
                                        {"centroids": self.centroids, "labels": self.labels}),
                         self.out_dir / "checkpoint_last.pth")
@@ -219,9 +239,8 @@ class Trainer:
             return
         state = restore_training(path, self.cfg, self.model, self.objective, self.optimizer, self.scaler,
                                  self.device)
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.best_rsum, self.best_epoch = state["best_rsum"], state["best_epoch"]
-        self.best_beta = state.get("best_beta", self.best_beta)
+        for key in PROGRESS_KEYS:  # epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta
+            setattr(self, key, state.get(key, getattr(self, key)))
         self.centroids, self.labels = state["kmeans"]["centroids"], state["kmeans"]["labels"]
         if dist.is_main():
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} of the epoch")
@@ -229,12 +248,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ training
     def update_clusters(self, epoch: int) -> None:
         """Online k-means (§3.4) on the momentum encoders' pair features; labels are read by dataset index."""
-        ccfg = self.cfg["cluster"]
+        ccfg, init = self.cfg["cluster"], self.centroids.to(self.device) if self.centroids is not None else None
         self.model.eval()
         self.labels, self.centroids, result = cluster_training_pairs(
-            self.model.momentum.encode_pairs, self._dataset(train=False), k=ccfg["k"], iters=ccfg["iters"],
-            init=self.centroids.to(self.device) if self.centroids is not None else None,
-            chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
+            self.model.momentum.encode_pairs, training_split(self.cfg, self.tokenizer, train=False), k=ccfg["k"],
+            iters=ccfg["iters"], init=init, chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
             batch_size=self.cfg["eval"]["batch_size"], num_workers=self.cfg["data"]["num_workers"],
             device=self.device, autocast=self._autocast(), world=self.world, rank=self.rank, progress=self.progress)
         self.log.clusters(result, epoch)
@@ -266,7 +284,7 @@ class Trainer:
             with self._autocast():
                 loss, terms, diag = self.step_module(batch, epoch, labels[batch["index"]] if labels is not None
                                                      else None)
-            grad_norms = self._update(loss, groups)
+            grad_norms = optimizer_step(loss, self.optimizer, self.scaler, groups, tcfg["grad_clip"])
             bad |= ~torch.isfinite(loss)  # checked without a per-step sync, before anything is saved
             if "diversity_v" in diag:
                 diversities.append(torch.cat([diag["diversity_v"], diag["diversity_w"]]))
@@ -284,19 +302,6 @@ class Trainer:
         bar.close()
         self._check_finite(bad, epoch)
         self.log.diversity_histogram(diversities, epoch)
-
-    def _update(self, loss: torch.Tensor, groups: dict) -> dict:
-        """Backward (loss-scaled under fp16), per-group gradient clipping, the optimizer step; the gradient
-        norms before clipping."""
-        clip = self.cfg["train"]["grad_clip"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        norms = {name: nn.utils.clip_grad_norm_(group, clip) for name, group in groups.items() if group} \
-            if clip > 0 else {}
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return norms
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
         if bool(bad):

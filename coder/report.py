@@ -29,7 +29,6 @@ from .checkpoint import atomic_save, load_checkpoint
 from .concepts import load_concepts
 from .config import ConfigError, concept_vocab_path, from_dict, merge, nest, parse_override, validate
 from .data import collate, tokenize_caption
-from .demo import scenes as demo
 from .errors import CoderError
 from .evaluation import encode_split, split_datasets
 from .models.model import build_model
@@ -222,69 +221,6 @@ def thumbnail_uri(path: str | Path, size: int = 160) -> str:
     except (OSError, UnidentifiedImageError) as err:
         raise ReportError(f"cannot read image {path}: {err}") from err
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-# ------------------------------------------------------------------------------------------- demo scenes
-def demo_scenes(root: str | Path, split: str, n_images: int, captions: Sequence[str]):
-    """The generator's scenes of a demo split, or None when `root` is not (this version of) demo data.
-
-    The demo folder stores no per-image description, so the scenes are drawn again from the MANIFEST's
-    seed (`coder.demo.scenes.sample_scenes`) and accepted only if they regenerate the split's captions.
-    """
-    try:
-        manifest = json.loads((Path(root) / demo.MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if manifest.get("version") != demo.DEMO_FORMAT_VERSION or split not in demo.SPLITS \
-            or manifest.get(f"{split}_images", -1) < n_images:
-        return None
-    seed = int(manifest["seed"])
-    scenes = demo.sample_scenes(seed, split, n_images)
-    caption_rng = np.random.default_rng([seed, demo.SPLITS.index(split), 1])  # the generator's caption stream
-    regenerated = demo.split_captions(caption_rng, scenes, split)
-    if regenerated[:len(captions)] != list(captions):
-        return None
-    return scenes
-
-
-def describe_scene(scene) -> str:
-    """'small brown dog sitting, big black dog sitting, red small car · at the beach'."""
-    parts = []
-    for inst in scene.instances:
-        text = f"{inst.size} {inst.colour} {inst.noun.concept}"
-        if inst.noun == scene.subject.noun:
-            text += f" {scene.action}"
-        parts.append(text)
-    return ", ".join(parts) + f" · place: {scene.place}"
-
-
-_PLACE_FILL = {"beach": "#f3e2b3", "street": "#d4d4d4", "park": "#c4e6b8", "kitchen": "#f1e4d4",
-               "field": "#dcefb8", "snow": "#f4f7fb", "room": "#eadfd2", "garden": "#c8e6c0",
-               "lake": "#bcdcf0", "city": "#dadae4", "forest": "#a9cf9f", "market": "#f4d9b0"}
-_COLOUR_FILL = {"golden": "#d4a017", "gray": "#8a8a8a", "silver": "#c0c0c0", "brown": "#8b5a2b",
-                "yellow": "#f2d22e", "green": "#3c9a3c", "blue": "#3a6fd8", "red": "#d33b3b",
-                "orange": "#f08a24", "pink": "#f29bc0", "black": "#222222", "white": "#ffffff"}
-
-
-def scene_svg(scene, height: int = 72) -> str:
-    """A small inline SVG of a demo scene: the place as the background, one disc per instance in its
-    colour (bigger for big/old), its noun underneath, the subject's action on top."""
-    width = 40 + 62 * len(scene.instances)  # room for each noun label
-    items = [f'<rect width="{width}" height="{height}" rx="6" fill="{_PLACE_FILL.get(scene.place, "#eee")}"/>',
-             f'<text x="6" y="12" font-size="10" fill="#555">{html.escape(scene.place)} · '
-             f'{html.escape(scene.action)}</text>']
-    step = width / (len(scene.instances) + 1)
-    for n, inst in enumerate(scene.instances):
-        x = step * (n + 1)
-        r = 13 if inst.size in ("big", "old") else 9
-        fill = _COLOUR_FILL.get(inst.colour, inst.colour)
-        ring = ' stroke="#d00" stroke-width="2"' if inst.noun == scene.subject.noun else ' stroke="#555"'
-        items.append(f'<circle cx="{x:.0f}" cy="36" r="{r}" fill="{fill}"{ring}/>')
-        items.append(f'<text x="{x:.0f}" y="64" font-size="10" text-anchor="middle">'
-                     f'{html.escape(inst.noun.concept)}</text>')
-    return (f'<svg class="scene" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(describe_scene(scene))}">'
-            + "".join(items) + "</svg>")
 
 
 # ------------------------------------------------------------------------------------------- page
@@ -531,10 +467,11 @@ def add_concepts(rep: Report, model, cfg: dict, images_ds, captions_ds, shown_im
 def build_report(checkpoint: str | Path, *, split: str | None = None, queries: int = 20, seed: int = 0,
                  images_dir: str | Path | None = None, query_text: str | None = None, k: int = 5,
                  n_concepts: int = 5, overrides: Sequence[str] = (), device="cpu", progress: bool = False,
-                 cache: str | Path | None = None) -> Report:
+                 cache: str | Path | None = None, describe_images=None) -> Report:
     """Load a checkpoint, encode a split once (or reuse `cache`, see `cached_embeddings`; a folder there
     means `<checkpoint stem>.report_<split>.pt` in it), rank sampled queries in both directions (and a typed
-    caption), and gather what the page shows."""
+    caption), and gather what the page shows. `describe_images(root, split, n_images, captions)` may give, for
+    data it knows (`coder.demo.visual.scene_describer`), image index -> (text, inline HTML)."""
     t0 = time.perf_counter()
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ReportError(f"images folder not found: {images_dir}")  # before the (slow) encoding
@@ -577,12 +514,10 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
         for i in shown_images:
             rep.image_html[i] = (f'<img class="thumb" src="{thumbnail_uri(files[labels[i]])}" '
                                  f'alt="image {html.escape(labels[i])}">')
-    scenes = demo_scenes(data["root"], split, len(images_ds), captions_ds.files.captions)
-    if scenes is not None:
-        for i in shown_images:
-            rep.image_text[i] = describe_scene(scenes[i])
-            if images_dir is None:
-                rep.image_html[i] = scene_svg(scenes[i])
+    describe = describe_images and describe_images(data["root"], split, len(images_ds), captions_ds.files.captions)
+    for i in shown_images if describe else ():
+        rep.image_text[i], picture = describe(i)
+        rep.image_html.setdefault(i, picture)  # a real thumbnail wins
 
     rep.meta = {"checkpoint": str(checkpoint), "split": split, "dataset": data["dataset"],
                 "images": len(images_ds), "captions": len(captions_ds), "captions_per_image": cpi,

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from coder.checkpoint import CheckpointError
     from coder.config import ConfigError
+    from coder.demo.visual import scene_describer
     from coder.engine import resolve_device
     from coder.report import build_report, render_html
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         report = build_report(args.checkpoint, split=args.split, queries=args.queries, seed=args.seed,
                               images_dir=args.images, query_text=args.query, k=args.top,
                               n_concepts=args.concepts, overrides=args.overrides,
-                              device=resolve_device(args.device), cache=cache)
+                              device=resolve_device(args.device), cache=cache, describe_images=scene_describer)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_html(report, args.top), encoding="utf-8")

@@ -221,7 +221,7 @@ def test_typed_caption_ranks_images_by_its_own_embedding(coder_page, checkpoints
 
 def test_page_is_self_contained_and_describes_demo_scenes(coder_page, tiny_coder_data):
     from coder.demo.scenes import sample_scenes
-    from coder.report import describe_scene
+    from coder.demo.visual import describe_scene
 
     assert "http" not in coder_page and "<script" not in coder_page and "<link" not in coder_page
     assert "<style>" in coder_page

@@ -1,4 +1,4 @@
-"""Batching of precomp items: pads whatever fields the items carry (precomp format of SCAN/VSE-infinity)."""
+"""Batching of precomp items: pads whatever fields the items carry."""
 from __future__ import annotations
 
 import torch

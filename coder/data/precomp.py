@@ -1,4 +1,4 @@
-"""Precomputed region features in the SCAN/VSE-infinity "precomp" format (precomp format of SCAN/VSE-infinity).
+"""Precomputed region features in the SCAN/VSE-infinity "precomp" format.
 
 A folder `root` holds per split S: `S_ims.npy` float32 (rows, regions, dim), `S_caps.txt` (one caption
 per line, the captions of an image consecutive), optional `S_ids.txt` (one id per row) and `S_clip.npy`
@@ -217,7 +217,7 @@ class _PrecompBase(Dataset):
 class PrecompDataset(_PrecompBase):
     """One item per caption with its image's regions (training and generic use).
 
-    With train=True, VSE-infinity's augmentations (precomp format of SCAN/VSE-infinity): region dropout and word corruption.
+    With train=True, VSE-infinity's augmentations: region dropout and word corruption.
     After `set_epoch(e)` their randomness is a function of (seed, epoch, caption index) alone, so a run
     resumed mid-epoch, or one with another number of DataLoader workers, sees the same augmentations;
     before it, it is drawn from torch's RNG (reproducible under a global torch.manual_seed).

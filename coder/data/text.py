@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Of the corrupted words: 50% -> [MASK], 10% -> random word-pieces, the remaining 40% deleted (precomp format of SCAN/VSE-infinity).
+# Of the corrupted words: 50% -> [MASK], 10% -> random word-pieces, the remaining 40% deleted (VSE-infinity's word corruption).
 MASK_SHARE = 0.5
 RANDOM_SHARE = 0.1
 

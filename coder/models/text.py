@@ -1,21 +1,18 @@
 """The text backbone: a pretrained BERT (`transformers.BertModel`) read from a local directory (CODER §4.2).
 
-Nothing is downloaded: `HF_HUB_OFFLINE=1` is set before transformers is imported, and a missing model
-is an error that names the path and how to obtain the weights.
+Nothing is downloaded: every load passes `local_files_only=True` (the user's own Hugging Face settings are
+left alone), and a missing model is an error that names the path and how to obtain the weights.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
 
 from ..errors import MissingFileError
-from .aggregators import valid_mask  # noqa: E402
+from .aggregators import valid_mask
 
 PKG_PREFIX = "pkg://"
 
@@ -48,8 +45,8 @@ def load_text_backbone(name: str, num_layers: int | None = None):
     hf_logging.disable_progress_bar()
     path = resolve_model_dir(name)
     try:
-        tokenizer = BertTokenizerFast.from_pretrained(path)
-        bert = BertModel.from_pretrained(path, add_pooling_layer=False)
+        tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
+        bert = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelFileError(
             f"text encoder not found: '{path}' is not a local BERT directory (config.json, model weights, "

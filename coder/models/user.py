@@ -1,4 +1,4 @@
-"""USER's global-representation based semantic enhancement (GSE) modules (USER).
+"""USER's global-representation based semantic enhancement (GSE) modules.
 
 Both modules enhance the raw region features o (B, L, D) *before* the instance image head of §4.1:
 a global vector g (unit norm) is injected into every region, o_k' = o_k + b_k g, with
@@ -35,7 +35,7 @@ def _check_regions(regions: Tensor, region_dim: int, who: str) -> None:
 
 
 class SelfGuidedEnhancement(nn.Module):
-    """SGE: self-attended global region vector injected into every region (USER).
+    """SGE: self-attended global region vector injected into every region.
 
     The local branch normalises with BatchNorm over the region axis (one statistic per region slot, which
     is why the region count L is fixed); the global branch with BatchNorm over the feature channels.

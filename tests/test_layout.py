@@ -1,0 +1,45 @@
+"""The code's shape as the README's Layout promises it: small functions and classes, the step's banks owned
+by coder/step.py alone, and a library that leaves the user's process environment as it found it."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CODER = Path(__file__).resolve().parents[1] / "coder"
+
+
+def test_no_function_over_60_lines_and_no_class_over_200():
+    too_long = []
+    for path in sorted(CODER.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                limit = 200 if isinstance(node, ast.ClassDef) else 60
+                if node.end_lineno - node.lineno + 1 > limit:
+                    too_long.append(f"{path.relative_to(CODER)}:{node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not too_long
+
+
+def test_the_training_loop_never_touches_the_banks():
+    tree = ast.parse((CODER / "engine.py").read_text())
+    names = {n.attr if isinstance(n, ast.Attribute) else n.id
+             for n in ast.walk(tree) if isinstance(n, (ast.Attribute, ast.Name))}
+    assert not names & {"enqueue", "snapshot", "queue_v", "queue_w", "Bank", "keys"}
+
+
+def test_importing_coder_leaves_the_environment_alone():
+    code = ("import os; before = dict(os.environ); import coder, coder.models.text, coder.report; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TOKENIZERS_", "TRANSFORMERS_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=CODER.parent, env=env)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_core_does_not_import_the_demo_package():
+    for path in sorted(CODER.rglob("*.py")):
+        if "demo" in path.relative_to(CODER).parts or path.name == "cli.py":  # the CLI prepares the demo
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "demo" not in (node.module or "").split("."), f"{path} imports {node.module}"
