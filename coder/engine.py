@@ -90,11 +90,13 @@ def build_optimizer(module: nn.Module, train_cfg: dict, text_backbone: nn.Module
 def clip_groups(model: nn.Module, objective: nn.Module, scope: str) -> dict[str, list[nn.Parameter]]:
     """The parameter sets whose gradient norms are clipped apart: one set ("all"), or ("branch") the concept
     branch (model.concept, the PGC classifier) apart from the rest, so that L_DCL^C and L_PGC, whose
-    gradients can be several times the instance terms', do not set the factor on the instance gradients."""
+    gradients can be several times the instance terms', do not set the factor on the instance gradients.
+    With undetached concept queries those losses reach the encoders too (BERT's states, or v^I and w^I):
+    no parameter split separates them, and one norm is used."""
     params = [p for module in (model, objective) for p in module.parameters() if p.requires_grad]
     concept = {id(p) for module in (model.concept, objective.prototypes) if module is not None
                for p in module.parameters()}
-    if scope == "all" or not concept:
+    if scope == "all" or not concept or not model.concept.detach_query:
         return {"all": params}
     return {"instance": [p for p in params if id(p) not in concept],
             "concept": [p for p in params if id(p) in concept]}

@@ -45,3 +45,11 @@ def test_instance_branch_steps_ignore_the_concept_loss_only_when_clipped_apart(t
                            if not n.startswith("concept.") and not n.startswith("momentum.")}
     same = all(torch.allclose(trained[1.0][n], trained[0.0][n], rtol=0, atol=1e-7) for n in trained[0.0])
     assert same == (scope == "branch")
+
+
+def test_undetached_queries_clip_with_one_norm(tiny_coder_data, tiny_bert_dir, tmp_path):
+    """Not detached, L_DCL^C and L_PGC send gradients into the encoders the instance group holds."""
+    cfg = tiny_coder(tiny_coder_data, tiny_bert_dir, "model.concept.detach_query=false")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.log.close()
+    assert list(clip_groups(trainer.model, trainer.objective, "branch")) == ["all"]
