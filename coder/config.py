@@ -330,9 +330,12 @@ def get(cfg: dict, dotted: str) -> Any:
 
 def validate(cfg: dict) -> None:
     """Cross-key checks the type schema cannot express."""
+    from .losses.objective import check_loss_keys
+
     for key, allowed in choices().items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {get(cfg, key)!r}")
+    check_loss_keys(cfg)
     for key in ("train.epochs", "train.batch_size", "model.embed_dim", "model.momentum.queue_size", "cluster.k"):
         if get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")

@@ -124,31 +124,41 @@ register_instance_loss("uto", lambda loss: UTOBatch(loss["uto_alpha"], loss["uto
 def build_objective(cfg: dict) -> Objective:
     """The Eq. 8 objective of a resolved config: the instance term, M-DCL with momentum banks, L_DCL^C and
     L_PGC with the concept branch; a term whose weight is 0 is not built."""
-    loss, model = cfg["loss"], cfg["model"]
-    if loss["instance"] not in INSTANCE_LOSSES:
-        raise ConfigError(f"config key 'loss.instance' must be one of {tuple(INSTANCE_LOSSES)}, got "
-                          f"{loss['instance']!r}")
-    chosen = INSTANCE_LOSSES[loss["instance"]]
+    check_loss_keys(cfg)
+    loss, model, chosen = cfg["loss"], cfg["model"], INSTANCE_LOSSES[cfg["loss"]["instance"]]
     terms: dict[str, tuple[float, Term]] = {"instance": (loss["instance_weight"], chosen.build(loss))}
-    used = set(chosen.keys)
-    if model["momentum"]["enabled"] and loss["memory_weight"] > 0:
+    if "memory" in _term_names(cfg):
         terms["memory"] = (loss["memory_weight"], chosen.memory(loss))
-        used |= set(chosen.memory_keys)
-    if model["concept"]["enabled"] and loss["concept_weight"] > 0:
+    if "concept" in _term_names(cfg):
         terms["concept"] = (loss["concept_weight"],
                             ConceptDCL(loss["mu"], loss["gamma"], loss["dcl_positive"], _diversity(loss)))
-        used |= set(_DCL_KEYS + ("eps", "detach_diversity"))
-    if model["concept"]["enabled"] and loss["pgc_weight"] > 0:
+    if "pgc" in _term_names(cfg):
         terms["pgc"] = (loss["pgc_weight"], PGC(cfg["cluster"]["k"], model["embed_dim"], cfg["cluster"]["start_epoch"]))
-    _reject_unused(loss, used, tuple(terms))
     return Objective(terms)
+
+
+def _term_names(cfg: dict) -> tuple[str, ...]:
+    """The Eq. 8 terms a config builds: what the model supports, with a weight above 0."""
+    loss, model = cfg["loss"], cfg["model"]
+    concept = model["concept"]["enabled"]
+    return ("instance",) + (("memory",) if model["momentum"]["enabled"] and loss["memory_weight"] > 0 else ()) \
+        + (("concept",) if concept and loss["concept_weight"] > 0 else ()) \
+        + (("pgc",) if concept and loss["pgc_weight"] > 0 else ())
 
 
 _WEIGHTS = ("instance", "instance_weight", "memory_weight", "concept_weight", "pgc_weight")
 
 
-def _reject_unused(loss: dict, used: set[str], terms: tuple[str, ...]) -> None:
-    """A `loss` key set away from its default that no built term reads is a mistake, not a no-op."""
+def check_loss_keys(cfg: dict) -> None:
+    """An unknown loss.instance, or a `loss` key set away from its default that no built term reads: a
+    mistake, not a no-op (config validation calls this)."""
+    loss = cfg["loss"]
+    if loss["instance"] not in INSTANCE_LOSSES:
+        raise ConfigError(f"config key 'loss.instance' must be one of {tuple(INSTANCE_LOSSES)}, got "
+                          f"{loss['instance']!r}")
+    chosen, terms = INSTANCE_LOSSES[loss["instance"]], _term_names(cfg)
+    used = set(chosen.keys) | (set(chosen.memory_keys) if "memory" in terms else set()) \
+        | (set(_DCL_KEYS + ("eps", "detach_diversity")) if "concept" in terms else set())
     defaults = DEFAULTS["loss"]
     for key, value in loss.items():
         if key not in _WEIGHTS and key not in used and key in defaults and value != defaults[key]:
