@@ -26,7 +26,7 @@ from coder.evaluation import (
     evaluate_model,
     split_datasets,
 )
-from coder.models.model import ITRModel
+from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +50,7 @@ def time_eval(root: str | None, device: torch.device, concept: bool = False, bat
         bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"])
         concepts = random_concepts() if concept else None
         torch.manual_seed(0)
-        model = ITRModel(cfg["model"], bert, concepts).to(device).eval()
+        model = build_itr_model(cfg["model"], bert, concepts).to(device).eval()
         images, captions = split_datasets(cfg, tokenizer, "test")
         kwargs = {"beta": cfg["eval"]["beta"], "batch_size": batch, "progress": False, "fold5": fold5, "amp": amp}
         evaluate_model(model, images, captions, device, **kwargs)  # warm-up

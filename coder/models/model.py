@@ -23,18 +23,10 @@ from .user import ClipGuidedEnhancement, SelfGuidedEnhancement
 class ImageEncoder(nn.Module):
     """Regions (B, L, D) -> v^I: optional USER enhancement (SGE, CGE), then the image head."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, head: ImageHead, sge: SelfGuidedEnhancement | None = None,
+                 cge: ClipGuidedEnhancement | None = None):
         super().__init__()
-        user = cfg["user"]
-        self.sge = self.cge = None
-        if user["sge"] or user["cge"]:
-            if user["sge"]:
-                self.sge = SelfGuidedEnhancement(cfg["region_dim"], cfg["num_regions"], user["dropout"],
-                                                 user["lambda_att"])
-            if user["cge"]:
-                self.cge = ClipGuidedEnhancement(user["clip_dim"], cfg["embed_dim"], cfg["region_dim"],
-                                                 user["lambda_att"])
-        self.head = ImageHead(cfg["region_dim"], cfg["embed_dim"], cfg["aggregator"])
+        self.sge, self.cge, self.head = sge, cge, head
 
     def forward(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> Tensor:
         if self.sge is not None:
@@ -47,10 +39,9 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """Token ids -> (w^I, token states): BERT, then the text head; the states feed the concept queries."""
 
-    def __init__(self, bert: nn.Module, cfg: dict):
+    def __init__(self, backbone: TextBackbone, head: TextHead):
         super().__init__()
-        self.backbone = TextBackbone(bert, cfg["text_packing"])
-        self.head = TextHead(self.backbone.hidden_dim, cfg["embed_dim"], cfg["aggregator"])
+        self.backbone, self.head = backbone, head
 
     def forward(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         states = self.backbone(input_ids, lengths)
@@ -66,22 +57,17 @@ class ConceptBranch(nn.Module):
     (query_source "instance", CVSE's design [49]). With detach_query the concept losses do not train what
     the query is read from (BERT's token states, or the instance embeddings)."""
 
-    def __init__(self, cfg: dict, text_hidden: int, vocab: dict[str, np.ndarray]):
+    def __init__(self, gcn: ConceptGCN, image_query: ConceptQuery, text_query: ConceptQuery,
+                 query_source: str = "heads", detach_query: bool = False, image_query_head: ImageHead | None = None,
+                 text_query_head: TextHead | None = None):
         super().__init__()
-        dim, ccfg = cfg["embed_dim"], cfg["concept"]
-        self.query_source, self.detach_query = ccfg["query_source"], ccfg["detach_query"]
-        self.image_query_head = self.text_query_head = None
-        if self.query_source == "heads":
-            self.image_query_head = ImageHead(cfg["region_dim"], dim, cfg["aggregator"])
-            self.text_query_head = TextHead(text_hidden, dim, cfg["aggregator"])
-        adjacency = normalized_adjacency(vocab["counts"], vocab["cooccurrence"])
-        self.gcn = ConceptGCN(torch.as_tensor(vocab["glove"], dtype=torch.float32), adjacency,
-                              ccfg["gcn_hidden"], dim)
-        options = {"smoothness": ccfg["smoothness"], "encoder": ccfg["encoder"], "score": ccfg["score"],
-                   "learn_smoothness": ccfg["learn_smoothness"]}
-        self.image_query = ConceptQuery(dim, **options)  # W^v of Eq. 2
-        # W^w of Eq. 2, or the same module as W^v (one query module for both modalities)
-        self.text_query = self.image_query if ccfg["share_query"] else ConceptQuery(dim, **options)
+        if query_source == "heads" and (image_query_head is None or text_query_head is None):
+            raise ValueError("ConceptBranch: query_source 'heads' needs the image and text query heads")
+        self.query_source, self.detach_query = query_source, detach_query
+        self.image_query_head, self.text_query_head = image_query_head, text_query_head
+        self.gcn = gcn
+        self.image_query = image_query  # W^v of Eq. 2
+        self.text_query = text_query  # W^w of Eq. 2 (the same module as W^v with share_query)
 
     def _detach(self, x: Tensor) -> Tensor:
         return x.detach() if self.detach_query else x
@@ -110,19 +96,11 @@ class ConceptBranch(nn.Module):
 
 
 class ITRModel(nn.Module):
-    def __init__(self, cfg: dict, bert: nn.Module, concept_vocab: dict[str, np.ndarray] | None = None):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, concept: ConceptBranch | None = None,
+                 momentum: MomentumContrast | None = None):
         super().__init__()
-        self.image_encoder = ImageEncoder(cfg)
-        self.text_encoder = TextEncoder(bert, cfg)
-        self.concept = None
-        if cfg["concept"]["enabled"]:
-            if concept_vocab is None:
-                raise ConfigError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
-            self.concept = ConceptBranch(cfg, self.text_encoder.backbone.hidden_dim, concept_vocab)
-        self.momentum = None
-        if cfg["momentum"]["enabled"]:
-            self.momentum = MomentumContrast(self.image_encoder, self.text_encoder, cfg["embed_dim"],
-                                             cfg["momentum"]["queue_size"], cfg["momentum"]["m"])
+        self.image_encoder, self.text_encoder, self.concept, self.momentum = \
+            image_encoder, text_encoder, concept, momentum
 
     def encode_image(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
         out = {"v_i": self.image_encoder(regions, lengths, clip)}
@@ -149,6 +127,50 @@ class ITRModel(nn.Module):
         return out
 
 
+# -------------------------------------------------------------------------------------------- builders
+def build_image_encoder(cfg: dict) -> ImageEncoder:
+    """`cfg` is the `model` config."""
+    user, region_dim, dim = cfg["user"], cfg["region_dim"], cfg["embed_dim"]
+    sge = SelfGuidedEnhancement(region_dim, cfg["num_regions"], user["dropout"], user["lambda_att"]) \
+        if user["sge"] else None
+    cge = ClipGuidedEnhancement(user["clip_dim"], dim, region_dim, user["lambda_att"]) if user["cge"] else None
+    return ImageEncoder(ImageHead(region_dim, dim, cfg["aggregator"]), sge, cge)
+
+
+def build_text_encoder(cfg: dict, bert: nn.Module) -> TextEncoder:
+    backbone = TextBackbone(bert, cfg["text_packing"])
+    return TextEncoder(backbone, TextHead(backbone.hidden_dim, cfg["embed_dim"], cfg["aggregator"]))
+
+
+def build_concept_branch(cfg: dict, text_hidden: int, vocab: dict[str, np.ndarray]) -> ConceptBranch:
+    dim, ccfg = cfg["embed_dim"], cfg["concept"]
+    heads = {}
+    if ccfg["query_source"] == "heads":  # §3.2: "another group of feature aggregators"
+        heads = {"image_query_head": ImageHead(cfg["region_dim"], dim, cfg["aggregator"]),
+                 "text_query_head": TextHead(text_hidden, dim, cfg["aggregator"])}
+    gcn = ConceptGCN(torch.as_tensor(vocab["glove"], dtype=torch.float32),
+                     normalized_adjacency(vocab["counts"], vocab["cooccurrence"]), ccfg["gcn_hidden"], dim)
+    options = {"smoothness": ccfg["smoothness"], "encoder": ccfg["encoder"], "score": ccfg["score"],
+               "learn_smoothness": ccfg["learn_smoothness"]}
+    image_query = ConceptQuery(dim, **options)
+    text_query = image_query if ccfg["share_query"] else ConceptQuery(dim, **options)
+    return ConceptBranch(gcn, image_query, text_query, ccfg["query_source"], ccfg["detach_query"], **heads)
+
+
+def build_itr_model(cfg: dict, bert: nn.Module, concept_vocab: dict[str, np.ndarray] | None = None) -> ITRModel:
+    """The model of a `model` config with a loaded BERT (and the concept vocabulary, with the concept branch)."""
+    image_encoder, text_encoder = build_image_encoder(cfg), build_text_encoder(cfg, bert)
+    concept = momentum = None
+    if cfg["concept"]["enabled"]:
+        if concept_vocab is None:
+            raise ConfigError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
+        concept = build_concept_branch(cfg, text_encoder.backbone.hidden_dim, concept_vocab)
+    if cfg["momentum"]["enabled"]:
+        momentum = MomentumContrast(image_encoder, text_encoder, cfg["embed_dim"], cfg["momentum"]["queue_size"],
+                                    cfg["momentum"]["m"])
+    return ITRModel(image_encoder, text_encoder, concept, momentum)
+
+
 def build_model(cfg: dict, bert: nn.Module, state_dict: dict | None = None) -> ITRModel:
     """The model of a resolved config (`cfg` is the whole config). The concept branch reads the vocabulary
     file, unless `state_dict` (a checkpoint's) already holds its fixed buffers X and A_hat: then only their
@@ -162,4 +184,4 @@ def build_model(cfg: dict, bert: nn.Module, state_dict: dict | None = None) -> I
         else:
             concepts = load_concepts(concept_vocab_path(cfg))
             vocab = {"counts": concepts.counts, "cooccurrence": concepts.cooccurrence, "glove": concepts.glove}
-    return ITRModel(model_cfg, bert, vocab)
+    return build_itr_model(model_cfg, bert, vocab)
