@@ -185,7 +185,8 @@ def encode_member(loaded: Loaded, split: str, device, progress: bool, first: Loa
 
 
 def ensemble_result(args, first: Loaded, members: list[Member], split: str, device) -> dict:
-    """The averaged similarity of every --checkpoint (each loaded, encoded and released in turn)."""
+    """The averaged similarity of every --checkpoint (each loaded, encoded and released in turn); `members`
+    holds the first checkpoint's and gets the others', for --compare to use."""
     if args.eccv:
         raise EvaluationError("--eccv evaluates one model, not an ensemble of several --checkpoint")
     infos = [checkpoint_info(first) | {"beta": members[0][1]}]

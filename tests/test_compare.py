@@ -195,3 +195,12 @@ def test_evaluate_py_ensemble(checkpoints, tmp_path, capsys):
     both = json.loads(other.read_text())
     assert [m["beta"] for m in both["members"]] == [single_a["beta"], checkpoints[1][1]["beta"]]
     assert both["compare"]["main"]["rsum"]["delta"] == pytest.approx(both["rsum"] - single_a["rsum"], abs=1e-9)
+
+
+def test_evaluate_py_refuses_eccv_on_an_ensemble(checkpoints, tmp_path, capsys):
+    import evaluate
+
+    (a, b), _ = checkpoints
+    assert evaluate.main(["--checkpoint", a, b, "--eccv", "--output", str(tmp_path), "--device", "cpu",
+                          "--no-progress"]) == 2
+    assert "--eccv evaluates one model, not an ensemble" in capsys.readouterr().err
