@@ -25,6 +25,7 @@ from .errors import CoderError
 from .evaluation import (
     EvaluationError,
     Member,
+    check_resamples,
     compare_members,
     encode_for_split,
     evaluate_members,
@@ -194,7 +195,7 @@ def ensemble_result(args, first: Loaded, members: list[Member], split: str, devi
         loaded = load_for_eval(path, args.overrides, device)
         members.append(encode_member(loaded, split, device, not args.no_progress, first))
         infos.append(checkpoint_info(loaded) | {"beta": members[-1][1]})
-        del loaded  # one model in memory at a time; its embeddings stay
+        del loaded  # released before the next one loads; its embeddings stay
     cfg = first.cfg
     fold5 = protocol_fold5(cfg, split, members[0][0]["v_i"].size(0), True if args.fold5 else None)
     result = evaluate_members(members, cfg["data"]["captions_per_image"], fold5, cfg["eval"]["chunk_size"])
@@ -222,6 +223,8 @@ def ensemble_name(split: str, checkpoints: list[str]) -> str:
 def evaluate_main(argv=None) -> int:
     args = eval_args(argv)
     try:
+        if args.compare:
+            check_resamples(args.resamples)  # before minutes of encoding
         device = resolve_device(args.device)
         first = load_for_eval(args.checkpoint[0], args.overrides, device)
         cfg = first.cfg

@@ -329,6 +329,12 @@ def paired_bootstrap(ranks_a: tuple[Tensor, Tensor], ranks_b: tuple[Tensor, Tens
             for name, o, lo, hi in zip(COMPARED, observed, low, high)}
 
 
+def check_resamples(resamples: int) -> None:
+    if resamples < 1000:
+        raise EvaluationError(f"--resamples {resamples}: take at least 1000, or the 2.5% and 97.5% percentiles "
+                              "are themselves noisy")
+
+
 def compare_members(members_a: Sequence[Member], members_b: Sequence[Member], captions_per_image: int = 5,
                     fold5: bool = False, chunk_size: int = 1000, resamples: int = 1000, seed: int = 0,
                     level: float = 0.95) -> dict:
@@ -337,9 +343,7 @@ def compare_members(members_a: Sequence[Member], members_b: Sequence[Member], ca
     if shapes[0] != shapes[1]:
         raise EvaluationError(f"--compare needs the same split for both models: {shapes[0][0]} images / "
                               f"{shapes[0][1]} captions against {shapes[1][0]} / {shapes[1][1]}")
-    if resamples < 1000:
-        raise EvaluationError(f"--resamples {resamples}: take at least 1000, or the 2.5% and 97.5% percentiles "
-                              "are themselves noisy")
+    check_resamples(resamples)
     ranks_a = protocol_ranks(members_a, captions_per_image, fold5, chunk_size)
     ranks_b = protocol_ranks(members_b, captions_per_image, fold5, chunk_size)
     rows = {row: paired_bootstrap(ranks_a[row], ranks_b[row], captions_per_image, resamples, seed, level)
