@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -21,7 +22,20 @@ from .distributed import cleanup
 from .eccv import format_eccv
 from .engine import NonFiniteLossError, Trainer, resolve_device
 from .errors import CoderError
-from .evaluation import evaluate_split, format_table, write_json
+from .evaluation import (
+    EvaluationError,
+    Member,
+    check_resamples,
+    compare_members,
+    encode_for_split,
+    evaluate_members,
+    evaluate_split,
+    format_comparison,
+    format_table,
+    member,
+    protocol_fold5,
+    write_json,
+)
 from .models.model import build_model
 from .models.text import load_text_backbone
 
@@ -33,7 +47,18 @@ Multi-GPU: `torchrun --nproc_per_node=N train.py --config ...`. See README.md.""
 
 EVAL_HELP = """Evaluate a checkpoint: `python evaluate.py --checkpoint runs/f30k_coder/model_best.pth [--split test]`.
 
-Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output)."""
+Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output).
+
+Evidence on one test split (see README, "Evaluation"):
+  --compare B.pth      paired bootstrap of ΔR@1/5/10 (i2t, t2i) and ΔR@sum, this checkpoint minus B, with 95%
+                       percentile intervals: the test images are resampled with replacement, each with its
+                       captions (i2t queries are images, t2i queries captions; one image's captions share
+                       one target, so they move together). It measures test-set sampling noise, not seed
+                       noise. COCO testall: both protocol rows, the 5-fold 1K average (every query ranked
+                       within its own 1K fold, the images resampled over all 5,000) and 5K.
+  --checkpoint A.pth B.pth ...
+                       an ensemble: each model's fused similarity (its own beta) averaged, block by block;
+                       labelled "ensemble of N" in the table and the JSON (eval_<split>_ensemble_of_N_<id>.json)."""
 
 
 def train_args(argv=None) -> argparse.Namespace:
@@ -99,7 +124,11 @@ def config_hash(cfg: dict) -> str:
 
 def eval_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model_best.pth or checkpoint_last.pth")
+    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="PTH",
+                        help="model_best.pth or checkpoint_last.pth; several: their ensemble")
+    parser.add_argument("--compare", metavar="B.pth", help="paired bootstrap of this checkpoint against B")
+    parser.add_argument("--resamples", type=int, default=1000, help="--compare: bootstrap resamples (>= 1000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="--compare: seed of the resampling")
     parser.add_argument("--split", help="split to evaluate (default: the config's data.test_split)")
     parser.add_argument("--fold5", action="store_true", help="COCO protocol: 5-fold 1K averaged, plus 5K")
     parser.add_argument("--eccv", action="store_true",
@@ -113,33 +142,112 @@ def eval_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Loaded(NamedTuple):
+    path: str
+    ckpt: dict
+    cfg: dict
+    model: object
+    tokenizer: object
+    beta: float | None  # the fusion weight picked on dev in training, unless --set eval.beta chose one
+
+
+def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:
+            raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys and the paths "
+                              f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
+        merge(cfg, nest(keys, value))
+    validate(cfg)
+    bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+    model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
+    model.load_state_dict(ckpt["model"])
+    chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in overrides)
+    return Loaded(path, ckpt, cfg, model, tokenizer, None if chosen else ckpt.get("beta"))
+
+
+def checkpoint_info(loaded: Loaded) -> dict:
+    return {"path": str(Path(loaded.path).resolve()), "epoch": loaded.ckpt.get("epoch"),
+            "config_sha256": config_hash(loaded.cfg)}
+
+
+def encode_member(loaded: Loaded, split: str, device, progress: bool, first: Loaded | None = None) -> Member:
+    """(embeddings, own beta) of one checkpoint on the split; with `first`, refuse a different split."""
+    if first is not None:
+        data, other = first.cfg["data"], loaded.cfg["data"]
+        if Path(data["root"]).resolve() != Path(other["root"]).resolve() or \
+                data["captions_per_image"] != other["captions_per_image"]:
+            raise EvaluationError(f"{loaded.path} reads split '{split}' from {other['root']}, {first.path} from "
+                                  f"{data['root']}: models compared or ensembled need one split (--set data.root=...)")
+    emb = encode_for_split(loaded.model, loaded.cfg, loaded.tokenizer, split, device, progress)
+    return member(emb, loaded.cfg["eval"]["beta"] if loaded.beta is None else loaded.beta)
+
+
+def ensemble_result(args, first: Loaded, members: list[Member], split: str, device) -> dict:
+    """The averaged similarity of every --checkpoint (each loaded, encoded and released in turn); `members`
+    holds the first checkpoint's and gets the others', for --compare to use."""
+    if args.eccv:
+        raise EvaluationError("--eccv evaluates one model, not an ensemble of several --checkpoint")
+    infos = [checkpoint_info(first) | {"beta": members[0][1]}]
+    for path in args.checkpoint[1:]:
+        loaded = load_for_eval(path, args.overrides, device)
+        members.append(encode_member(loaded, split, device, not args.no_progress, first))
+        infos.append(checkpoint_info(loaded) | {"beta": members[-1][1]})
+        del loaded  # released before the next one loads; its embeddings stay
+    cfg = first.cfg
+    fold5 = protocol_fold5(cfg, split, members[0][0]["v_i"].size(0), True if args.fold5 else None)
+    result = evaluate_members(members, cfg["data"]["captions_per_image"], fold5, cfg["eval"]["chunk_size"])
+    result.update(ensemble=list(args.checkpoint), members=infos, split=split, dataset=cfg["data"]["dataset"])
+    return result
+
+
+def compare_result(args, first: Loaded, members: list[Member], split: str, device) -> dict:
+    """--compare: the paired bootstrap of the evaluated model (or ensemble) against B on the same split."""
+    other = load_for_eval(args.compare, args.overrides, device)
+    b = encode_member(other, split, device, not args.no_progress, first)
+    cfg = first.cfg
+    fold5 = protocol_fold5(cfg, split, members[0][0]["v_i"].size(0), True if args.fold5 else None)
+    compare = compare_members(members, [b], cfg["data"]["captions_per_image"], fold5, cfg["eval"]["chunk_size"],
+                              args.resamples, args.bootstrap_seed)
+    return {"against": checkpoint_info(other) | {"beta": b[1]}, **compare}
+
+
+def ensemble_name(split: str, checkpoints: list[str]) -> str:
+    """eval_<split>_ensemble_of_N_<id>.json: never a single model's file name; the id tells ensembles apart."""
+    digest = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in checkpoints).encode()).hexdigest()[:8]
+    return f"eval_{split}_ensemble_of_{len(checkpoints)}_{digest}.json"
+
+
 def evaluate_main(argv=None) -> int:
     args = eval_args(argv)
     try:
-        ckpt = load_checkpoint(args.checkpoint)
-        cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
-        for text in args.overrides:
-            keys, value = parse_override(text)
-            if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:
-                raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys and the paths "
-                                  f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
-            merge(cfg, nest(keys, value))
-        validate(cfg)
+        if args.compare:
+            check_resamples(args.resamples)  # before minutes of encoding
         device = resolve_device(args.device)
-        bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
-        model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
-        model.load_state_dict(ckpt["model"])
+        first = load_for_eval(args.checkpoint[0], args.overrides, device)
+        cfg = first.cfg
         split = args.split or cfg["data"]["test_split"]
-        chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in args.overrides)
-        beta = None if chosen else ckpt.get("beta")  # the fusion weight picked on dev in training, if any
-        result = evaluate_split(model, cfg, tokenizer, split, device, progress=not args.no_progress,
-                                fold5=True if args.fold5 else None, eccv=args.eccv, beta=beta)
-        result["checkpoint"] = {"path": str(Path(args.checkpoint).resolve()), "epoch": ckpt.get("epoch"),
-                                "config_sha256": config_hash(cfg)}
-        out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
+        evidence = len(args.checkpoint) > 1 or args.compare
+        members = [encode_member(first, split, device, not args.no_progress)] if evidence else []
+        if len(args.checkpoint) > 1:
+            result = ensemble_result(args, first, members, split, device)
+        else:
+            result = evaluate_split(first.model, cfg, first.tokenizer, split, device, progress=not args.no_progress,
+                                    fold5=True if args.fold5 else None, eccv=args.eccv, beta=first.beta,
+                                    emb=members[0][0] if members else None)
+            result["checkpoint"] = checkpoint_info(first)
+        if args.compare:
+            result["compare"] = compare_result(args, first, members, split, device)
+        out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).parent
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / result_name(split, args.checkpoint), result)
-        print(f"{args.checkpoint}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
+        name = ensemble_name(split, args.checkpoint) if "ensemble" in result else result_name(split, args.checkpoint[0])
+        write_json(out_dir / name, result)
+        print(f"{', '.join(args.checkpoint)}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
+        if "compare" in result:
+            label = f"ensemble of {len(args.checkpoint)}" if "ensemble" in result else args.checkpoint[0]
+            print(format_comparison(result["compare"], label, args.compare))
         if "eccv" in result:
             print(format_eccv(result["eccv"]))
     except CoderError as err:

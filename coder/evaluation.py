@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .data import PrecompCaptions, PrecompImages, collate
 from .errors import CoderError
+from .stats import bootstrap_means, percentile_interval
 
 RECALL_KS = (1, 5, 10)
 
@@ -220,30 +221,65 @@ def fused_positives(emb: dict[str, Tensor], beta: float, caption_slice: slice, i
     return pos
 
 
+Member = tuple[dict[str, Tensor], float]  # one model's embeddings of a split and its own fusion weight
+
+
+def member(emb: dict[str, Tensor], beta: float) -> Member:
+    """(emb, beta) with beta = 1 for an instance-only model (no concept embeddings)."""
+    return emb, beta if "v_c" in emb else 1.0
+
+
+def ensemble_chunks(members: Sequence[Member], image_slice: slice, caption_slice: slice,
+                    chunk_size: int) -> Iterator[tuple[int, Tensor]]:
+    """The members' fused similarities averaged block by block (an ensemble, the field's "*" rows): one block
+    per member is held at a time. One member: its own similarities, unchanged."""
+    streams = [fused_chunks(emb, beta, image_slice, caption_slice, chunk_size) for emb, beta in members]
+    for blocks in zip(*streams):
+        yield blocks[0][0], sum(rows for _, rows in blocks) / len(blocks)
+
+
+def block_ranks(members: Sequence[Member], first_image: int, n_images: int, captions_per_image: int = 5,
+                chunk_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """(i2t, t2i) 0-based ranks of images [first_image, first_image + n_images) against their own captions,
+    scored by the members' averaged fused similarity."""
+    images = slice(first_image, first_image + n_images)
+    captions = slice(first_image * captions_per_image, (first_image + n_images) * captions_per_image)
+    positives = sum(fused_positives(emb, beta, captions, first_image, captions_per_image)
+                    for emb, beta in members) / len(members)
+    return ranks_from_chunks(ensemble_chunks(members, images, captions, chunk_size), positives, n_images,
+                             captions_per_image)
+
+
+def block_recalls(members: Sequence[Member], first_image: int, n_images: int, captions_per_image: int = 5,
+                  chunk_size: int = 1000) -> dict:
+    """Recalls of images [first_image, first_image + n_images) against their own captions, by the members'
+    averaged fused similarity."""
+    result = recalls_from_ranks(*block_ranks(members, first_image, n_images, captions_per_image, chunk_size))
+    result["chance_rsum"] = chance_rsum(n_images, captions_per_image)
+    return result
+
+
 def rank_block(emb: dict[str, Tensor], beta: float, first_image: int, n_images: int,
                captions_per_image: int = 5, chunk_size: int = 1000) -> dict:
     """Recalls of images [first_image, first_image + n_images) against their own captions."""
-    images = slice(first_image, first_image + n_images)
-    captions = slice(first_image * captions_per_image, (first_image + n_images) * captions_per_image)
-    positives = fused_positives(emb, beta, captions, first_image, captions_per_image)
-    i2t, t2i = ranks_from_chunks(fused_chunks(emb, beta, images, captions, chunk_size), positives, n_images,
-                                 captions_per_image)
-    result = recalls_from_ranks(i2t, t2i)
-    result["chance_rsum"] = chance_rsum(n_images, captions_per_image)
-    return result
+    return block_recalls([(emb, beta)], first_image, n_images, captions_per_image, chunk_size)
 
 
 def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_image: int = 5,
                         fold5: bool = False, chunk_size: int = 1000) -> dict:
     """The protocol's recalls: all images (1K or 5K), and with fold5 the 5-fold 1K average as the main row."""
-    n_images = emb["v_i"].size(0)
-    if "v_c" not in emb:
-        beta = 1.0  # instance-only model
-    full = rank_block(emb, beta, 0, n_images, captions_per_image, chunk_size)
+    return evaluate_members([member(emb, beta)], captions_per_image, fold5, chunk_size)
+
+
+def evaluate_members(members: Sequence[Member], captions_per_image: int = 5, fold5: bool = False,
+                     chunk_size: int = 1000) -> dict:
+    """`evaluate_embeddings` for the averaged similarity of one or more models (an ensemble)."""
+    n_images = members[0][0]["v_i"].size(0)
+    full = block_recalls(members, 0, n_images, captions_per_image, chunk_size)
     if not fold5:
         return full
     fold_size = n_images // 5
-    folds = [rank_block(emb, beta, f * fold_size, fold_size, captions_per_image, chunk_size) for f in range(5)]
+    folds = [block_recalls(members, f * fold_size, fold_size, captions_per_image, chunk_size) for f in range(5)]
     result = average_recalls(folds)
     result["chance_rsum"] = folds[0]["chance_rsum"]
     result["folds"] = folds
@@ -251,17 +287,94 @@ def evaluate_embeddings(emb: dict[str, Tensor], beta: float = 0.9, captions_per_
     return result
 
 
+# ---------------------------------------------------------------------------------------------- evidence
+COMPARED = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_KS) + ("rsum",)
+
+
+def protocol_ranks(members: Sequence[Member], captions_per_image: int = 5, fold5: bool = False,
+                   chunk_size: int = 1000) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-query (i2t, t2i) ranks of the protocol's rows: "main" (all images; with fold5 each query ranked
+    within its own 1K fold, so mean hits over the 5,000 equal the 5-fold average) and, with fold5, "5k"."""
+    n_images = members[0][0]["v_i"].size(0)
+    full = block_ranks(members, 0, n_images, captions_per_image, chunk_size)
+    if not fold5:
+        return {"main": full}
+    size = n_images // 5
+    folds = [block_ranks(members, f * size, size, captions_per_image, chunk_size) for f in range(5)]
+    return {"main": (torch.cat([i2t for i2t, _ in folds]), torch.cat([t2i for _, t2i in folds])), "5k": full}
+
+
+def hit_differences(ranks_a: tuple[Tensor, Tensor], ranks_b: tuple[Tensor, Tensor],
+                    captions_per_image: int = 5) -> np.ndarray:
+    """(n_images, 6): per test image, 100 x (hit of a - hit of b), hit = rank < K, for i2t R@1/5/10 (the
+    image as query) and t2i R@1/5/10 (averaged over its captions). Column means are the ΔR@K exactly."""
+    columns = []
+    for side, (a, b) in enumerate(zip(ranks_a, ranks_b)):
+        for k in RECALL_KS:
+            diff = (a < k).double() - (b < k).double()
+            columns.append(100.0 * (diff.view(-1, captions_per_image).mean(1) if side else diff))
+    return torch.stack(columns, dim=1).numpy()
+
+
+def paired_bootstrap(ranks_a: tuple[Tensor, Tensor], ranks_b: tuple[Tensor, Tensor], captions_per_image: int = 5,
+                     resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """ΔR@K and ΔR@sum (a - b) with percentile intervals from resampling the test images with replacement,
+    each with its captions, so i2t and t2i (whose queries of one image share one target) move together."""
+    values = hit_differences(ranks_a, ranks_b, captions_per_image)
+    samples = bootstrap_means(values, resamples, seed)
+    samples = np.column_stack([samples, samples.sum(axis=1)])  # R@sum = the sum of the six R@K
+    observed = np.append(values.mean(axis=0), values.mean(axis=0).sum())
+    low, high = percentile_interval(samples, level)
+    return {name: {"delta": float(o), "low": float(lo), "high": float(hi)}
+            for name, o, lo, hi in zip(COMPARED, observed, low, high)}
+
+
+def check_resamples(resamples: int) -> None:
+    if resamples < 1000:
+        raise EvaluationError(f"--resamples {resamples}: take at least 1000, or the 2.5% and 97.5% percentiles "
+                              "are themselves noisy")
+
+
+def compare_members(members_a: Sequence[Member], members_b: Sequence[Member], captions_per_image: int = 5,
+                    fold5: bool = False, chunk_size: int = 1000, resamples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Paired bootstrap of a against b (each one model or an ensemble) on the same split, per protocol row."""
+    shapes = [(m[0][0]["v_i"].size(0), m[0][0]["w_i"].size(0)) for m in (members_a, members_b)]
+    if shapes[0] != shapes[1]:
+        raise EvaluationError(f"--compare needs the same split for both models: {shapes[0][0]} images / "
+                              f"{shapes[0][1]} captions against {shapes[1][0]} / {shapes[1][1]}")
+    check_resamples(resamples)
+    ranks_a = protocol_ranks(members_a, captions_per_image, fold5, chunk_size)
+    ranks_b = protocol_ranks(members_b, captions_per_image, fold5, chunk_size)
+    rows = {row: paired_bootstrap(ranks_a[row], ranks_b[row], captions_per_image, resamples, seed, level)
+            for row in ranks_a}
+    return {"resamples": resamples, "seed": seed, "level": level, "unit": "test image with its captions", **rows}
+
+
+def format_comparison(compare: dict, name_a: str, name_b: str) -> str:
+    """Δ = a - b per metric with its bootstrap interval, one protocol row after another."""
+    lines = [f"Δ = {name_a} - {name_b}: paired bootstrap over the test images ({compare['resamples']} resamples, "
+             f"seed {compare['seed']}), {100 * compare['level']:.0f}% percentile intervals (test-set noise only)"]
+    for row in ("main", "5k"):
+        if row in compare:
+            cells = [f"{name.replace('_r', '@')} {c['delta']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]"
+                     for name, c in compare[row].items()]
+            lines.append(f"{'5K' if row == '5k' else 'main'}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def evaluate_model(model, images_ds, captions_ds, device, *, beta: float = 0.9, fold5: bool = False,
                    captions_per_image: int = 5, batch_size: int = 256, chunk_size: int = 1000,
                    num_workers: int = 0, progress: bool = True, branches: bool = False, amp: bool = False,
-                   eccv: bool = False, beta_grid: Sequence[float] = ()) -> dict:
-    """Encode a split and rank it. With `branches`, concept models also get instance-only and
-    concept-only rows (keys `instance`, `concept`); with `eccv` (COCO testall only), ECCV Caption and CxC
-    metrics (key `eccv`). With `beta_grid` (concept models), the fusion weight is the grid's value of highest
-    R@sum on this split (use it on dev only), stored as `beta`. Non-finite embeddings raise
-    `NonFiniteScoresError`."""
+                   eccv: bool = False, beta_grid: Sequence[float] = (), emb: dict[str, Tensor] | None = None) -> dict:
+    """Encode a split (unless `emb` holds its embeddings already) and rank it. With `branches`, concept models
+    also get instance-only and concept-only rows (keys `instance`, `concept`); with `eccv` (COCO testall only),
+    ECCV Caption and CxC metrics (key `eccv`). With `beta_grid` (concept models), the fusion weight is the
+    grid's value of highest R@sum on this split (use it on dev only), stored as `beta`. Non-finite embeddings
+    raise `NonFiniteScoresError`."""
     t0 = time.perf_counter()
-    emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress, amp)
+    if emb is None:
+        emb = encode_split(model, images_ds, captions_ds, device, batch_size, num_workers, progress, amp)
     check_finite(emb)
     t1 = time.perf_counter()
     if beta_grid and "v_c" in emb:  # the first best in grid order; its ranking is the result
@@ -301,6 +414,12 @@ def format_table(result: dict) -> str:
                                       in result else "all")]
     if "5k" in result:
         lines.append(format_row(result["5k"], "5K"))
+    if "ensemble" in result:  # never to pass as a single model: every row says what it is
+        n = len(result["ensemble"])
+        lines = [f"ensemble of {n} (similarities averaged{', 1K rows: 5-fold' if 'folds' in result else ''}): "
+                 + ", ".join(result["ensemble"]), TABLE_HEADER, format_row(result, f"ensemble of {n}")]
+        if "5k" in result:
+            lines.append(format_row(result["5k"], f"ens. of {n} 5K"))
     for branch in ("instance", "concept"):
         if branch in result:
             lines.append(format_row(result[branch], branch + "-only"))
@@ -326,23 +445,38 @@ def split_datasets(cfg: dict, tokenizer, split: str):
     return images, captions
 
 
+def protocol_fold5(cfg: dict, split: str, n_images: int, fold5: bool | None = None) -> bool:
+    """COCO testall gets 5-fold 1K (averaged) and 5K unless asked otherwise; --fold5 needs 5,000 images."""
+    if fold5 is None:
+        return cfg["data"]["dataset"] == "coco" and cfg["eval"]["fold5"] and n_images >= 5000
+    if fold5 and n_images != 5000:
+        raise EvaluationError(f"--fold5 is COCO's protocol (five 1K folds of the 5,000 testall images); split "
+                              f"'{split}' of {cfg['data']['root']} has {n_images} images")
+    return fold5
+
+
+def encode_for_split(model, cfg: dict, tokenizer, split: str, device, progress: bool = True) -> dict[str, Tensor]:
+    """The split's embeddings as `evaluate_split` encodes them (checked finite)."""
+    images, captions = split_datasets(cfg, tokenizer, split)
+    emb = encode_split(model, images, captions, device, cfg["eval"]["batch_size"], 0, progress, cfg["eval"]["amp"])
+    check_finite(emb)
+    return emb
+
+
 def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bool = True,
                    fold5: bool | None = None, branches: bool = True, eccv: bool = False,
-                   beta: float | None = None, select_beta: bool = False) -> dict:
+                   beta: float | None = None, select_beta: bool = False, emb: dict[str, Tensor] | None = None) -> dict:
     """The dataset's protocol on a split, as in training's dev evaluation and at test time: COCO testall gets
     5-fold 1K (averaged) and 5K; otherwise all images. The same call serves `train.py` and `evaluate.py`, so
-    both report the same numbers for the same checkpoint."""
+    both report the same numbers for the same checkpoint. `emb`: the split's embeddings from
+    `encode_for_split`, when already encoded."""
     images, captions = split_datasets(cfg, tokenizer, split)
     ecfg = cfg["eval"]
-    if fold5 is None:
-        fold5 = cfg["data"]["dataset"] == "coco" and ecfg["fold5"] and len(images) >= 5000
-    elif fold5 and len(images) != 5000:
-        raise EvaluationError(f"--fold5 is COCO's protocol (five 1K folds of the 5,000 testall images); split "
-                              f"'{split}' of {cfg['data']['root']} has {len(images)} images")
+    fold5 = protocol_fold5(cfg, split, len(images), fold5)
     result = evaluate_model(model, images, captions, device, beta=ecfg["beta"] if beta is None else beta, fold5=fold5,
                             captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
                             chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],
-                            eccv=eccv, beta_grid=ecfg["beta_grid"] if select_beta else ())
+                            eccv=eccv, beta_grid=ecfg["beta_grid"] if select_beta else (), emb=emb)
     result["split"], result["dataset"] = split, cfg["data"]["dataset"]
     texts = getattr(getattr(captions, "files", None), "captions", None)
     if texts is not None:

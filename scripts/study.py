@@ -1,5 +1,5 @@
 """Run a seeded study: every entry of a study file x every seed, one train.py run each, then one table of
-mean ± std per metric.
+mean ± std per metric and, against a reference entry, paired differences with 95% t intervals.
 
     python scripts/study.py studies/demo_table2.yaml [--seeds 0 1 2] [--out runs/study] \
         [--only NAME ...] [--readme README.md] [--table-only]
@@ -7,6 +7,7 @@ mean ± std per metric.
 A study file (YAML) names its entries:
 
     seeds: [0, 1, 2]
+    reference: btr                      # optional: the entry every other is compared with, seed by seed
     runs:
       - name: btr                       # folder name: <out>/<name>/seed<k>
         label: "BTR, triplet (Table 2 #1)"
@@ -18,6 +19,11 @@ already exists, so a killed study continues where it stopped. The table reports,
 that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --readme it
 replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the
 study file's name without .yaml), so one README can hold several studies.
+
+With `reference`, each other entry also gets the paired difference of test R@sum against the reference run of
+the same seed (same data order): its mean with a 95% Student t interval over the seed pairs, the number of
+pairs, and the interval's half-width, the smallest difference those pairs resolve. This is seed noise (how
+much training again moves a result); `evaluate.py --compare` measures test-set sampling noise instead.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
 from coder.config import ConfigError, load_config
+from coder.stats import paired_t_interval
 
 REPO = Path(__file__).resolve().parents[1]
 # (column, how to read it from eval_<split>.json)
@@ -77,6 +84,9 @@ def load_study(path: Path) -> dict:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'set' must be a list of key=value")
         run.setdefault("label", run["name"])
     study.setdefault("seeds", [0])
+    reference = study.setdefault("reference", None)
+    if reference is not None and reference not in names:
+        raise StudyError(f"{path}: 'reference: {reference}' names no entry of 'runs' ({', '.join(sorted(names))})")
     return study
 
 
@@ -119,21 +129,47 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def finished(run: dict, out: Path, seeds: list[int], split: str) -> tuple[dict[int, dict], list[float]]:
+    """{seed: eval json} of the seeds whose run finished, and their wall times."""
+    results, seconds = {}, []
+    for seed in seeds:
+        folder = run_dir(out, run, seed)
+        path = folder / f"eval_{split}.json"
+        if path.is_file():
+            results[seed] = json.loads(path.read_text())
+            timing = folder / "study_run.json"
+            if timing.is_file():
+                seconds.append(json.loads(timing.read_text())["seconds"])
+    return results, seconds
+
+
+def paired_cells(results: dict[int, dict], reference: dict[int, dict]) -> list[str]:
+    """Δ test R@sum against the reference's run of the same seed [95% t interval], pairs, half-width."""
+    seeds = sorted(set(results) & set(reference))
+    if not seeds:
+        return ["–", "0", "–"]
+    diff = paired_t_interval([results[s]["rsum"] for s in seeds], [reference[s]["rsum"] for s in seeds])
+    if diff.half_width is None:
+        return [f"{diff.mean:.1f}", "1", "–"]
+    return [f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]", str(diff.n), f"{diff.half_width:.1f}"]
+
+
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
-    """Markdown: one row per entry, mean ± std over the seeds whose run finished."""
-    header = ["run", "seeds"] + [name for name, _ in COLUMNS] + ["s / run"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    """Markdown: one row per entry, mean ± std over the seeds whose run finished; with a reference entry,
+    the paired columns after test R@sum."""
+    ref = study.get("reference")
+    names = [name for name, _ in COLUMNS]
+    paired = [f"Δ test R@sum vs {ref} [95% CI]", "n pairs", "resolves ±"] if ref else []
+    at = names.index("test R@sum") + 1
+    header = ["run", "seeds"] + names[:at] + paired + names[at:] + ["s / run"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    done = {run["name"]: finished(run, out, seeds, split) for run in study["runs"]}
     for run in study["runs"]:
-        results, seconds = [], []
-        for seed in seeds:
-            folder = run_dir(out, run, seed)
-            path = folder / f"eval_{split}.json"
-            if path.is_file():
-                results.append(json.loads(path.read_text()))
-                timing = folder / "study_run.json"
-                if timing.is_file():
-                    seconds.append(json.loads(timing.read_text())["seconds"])
-        cells = [mean_std([read(r) for r in results]) for _, read in COLUMNS]
+        results, seconds = done[run["name"]]
+        cells = [mean_std([read(r) for r in results.values()]) for _, read in COLUMNS]
+        if ref:
+            mine = ["reference", "–", "–"] if run["name"] == ref else paired_cells(results, done[ref][0])
+            cells = cells[:at] + mine + cells[at:]
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")
     return "\n".join(lines)

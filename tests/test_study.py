@@ -104,3 +104,35 @@ def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path)
     differences = [-1.0, 3.0]
     assert cells["fused − instance"] == f"{statistics.mean(differences):.1f} ± {statistics.stdev(differences):.1f}"
     assert f"{other_start}\nkeep\n{other_end}" in readme.read_text()
+
+
+def test_paired_columns_against_the_reference_entry(tmp_path):
+    """Δ test R@sum against the reference run of the same seed, by hand: mean ± t_{0.975, 2} sd / √3 over the
+    three seed pairs; a seed the reference lacks is not paired; an entry equal to the reference gives 0 ± 0;
+    the unpaired seed std of each row stays."""
+    rsums = {"ref": [440.0, 451.0, 430.0], "same": [440.0, 451.0, 430.0], "new": [452.0, 450.0, 441.0, 470.0]}
+    out = tmp_path / "runs"
+    for name, values in rsums.items():
+        for seed, rsum in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps({"rsum": rsum, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    spec = tmp_path / "ref.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "reference": "ref", "runs": [
+        {"name": name, "config": "configs/demo.yaml"} for name in rsums]}))
+    assert study.main([str(spec), "--out", str(out), "--table-only"]) == 0
+    lines = study.table(study.load_study(spec), out, [0, 1, 2, 3]).splitlines()
+    rows = {line.split("|")[1].strip(): dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in
+            line.split("|")])) for line in lines[2:]}
+    diffs = [12.0, -1.0, 11.0]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 4.302652729911275 * sd / 3 ** 0.5
+    column = "Δ test R@sum vs ref [95% CI]"
+    assert rows["new"][column] == f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]"
+    assert rows["new"]["n pairs"] == "3" and rows["new"]["resolves ±"] == f"{half:.1f}"
+    assert rows["new"]["test R@sum"] == f"{statistics.mean(rsums['new']):.1f} ± {statistics.stdev(rsums['new']):.1f}"
+    assert rows["same"][column] == "0.0 [0.0, 0.0]" and rows["same"]["resolves ±"] == "0.0"
+    assert rows["ref"][column] == "reference"
+    spec.write_text(json.dumps({"reference": "nope", "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
+    with pytest.raises(study.StudyError, match="'reference: nope' names no entry"):
+        study.load_study(spec)
