@@ -30,6 +30,7 @@ from .checkpoint import (
 from .clustering import pair_features, spherical_kmeans
 from .config import ConfigError, dump, from_dict
 from .data import PrecompDataset, collate
+from .data.checks import check_against_data
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
@@ -185,13 +186,8 @@ class Trainer:
             word_corruption=data["word_corruption"] if aug else 0.0,
             captions_per_image=data["captions_per_image"], load_clip=data["clip_features"],
             clip_dim=cfg["model"]["user"]["clip_dim"], seed=cfg["train"]["seed"])
-        if self.train_set.region_dim != cfg["model"]["region_dim"]:
-            raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
-                             f"{data['root']}/{data['train_split']}_ims.npy has {self.train_set.region_dim}-d regions")
+        check_against_data(cfg, self.train_set, self.world)
         batch = cfg["train"]["batch_size"]
-        if len(self.train_set) < batch * self.world:
-            raise ConfigError(f"config key 'train.batch_size' ({batch}) x {self.world} process(es) exceeds the "
-                             f"{len(self.train_set)} training captions in {data['root']}")
         base = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                   seed=cfg["train"]["seed"], drop_last=True)
         self.sampler = ResumeSampler(base, batch)
