@@ -68,10 +68,22 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
     return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
 
 
+def check_folder(path: Path, what: str) -> None:
+    """`path` is a folder or can be made one: neither it nor its nearest existing parent is a file."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f": {part}"
+                raise ConfigError(f"{what} {path}{where} is a file, not a folder")
+            return
+
+
 def train_main(argv=None) -> int:
     args = train_args(argv)
     try:
         cfg, output, resume = resolve_run(args)
+        check_folder(output, "--output" if args.output else "the output folder")
+        check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
         if cfg["data"]["prepare"] == "demo" and os.environ.get("RANK", "0") == "0":
             demo.prepare(cfg)  # the other ranks wait at the Trainer's first barrier
         Trainer(cfg, output, resume=resume, progress=not args.no_progress).fit()
@@ -116,6 +128,11 @@ def eval_args(argv=None) -> argparse.Namespace:
 def evaluate_main(argv=None) -> int:
     args = eval_args(argv)
     try:
+        if Path(args.checkpoint).is_dir():
+            raise CheckpointError(f"--checkpoint {args.checkpoint} is a folder; expected a checkpoint file, e.g. "
+                                  f"{Path(args.checkpoint) / 'model_best.pth'}")
+        out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
+        check_folder(out_dir, "--output")
         ckpt = load_checkpoint(args.checkpoint)
         cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
         for text in args.overrides:
@@ -125,6 +142,7 @@ def evaluate_main(argv=None) -> int:
                                   f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
             merge(cfg, nest(keys, value))
         validate(cfg)
+        check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
         device = resolve_device(args.device)
         bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
@@ -136,7 +154,6 @@ def evaluate_main(argv=None) -> int:
                                 fold5=True if args.fold5 else None, eccv=args.eccv, beta=beta)
         result["checkpoint"] = {"path": str(Path(args.checkpoint).resolve()), "epoch": ckpt.get("epoch"),
                                 "config_sha256": config_hash(cfg)}
-        out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / result_name(split, args.checkpoint), result)
         print(f"{args.checkpoint}: {split} ({cfg['data']['dataset']})\n" + format_table(result))
