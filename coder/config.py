@@ -344,7 +344,8 @@ _RANGES = {
     "data.max_words": Range(3),  # [CLS], one word-piece, [SEP]
     "data.region_dropout": PROBABILITY,  # dropping every region would leave an image empty
     "data.word_corruption": FRACTION, "data.num_workers": NON_NEGATIVE,
-    "model.embed_dim": POSITIVE, "model.region_dim": POSITIVE, "model.num_regions": POSITIVE,
+    "model.embed_dim": Range(2),  # the image head's MLP is embed_dim / 2 wide (VSE-infinity)
+    "model.region_dim": POSITIVE, "model.num_regions": POSITIVE,
     "model.text_layers": Range(1, optional=True, each=int),
     "model.concept.gcn_hidden": POSITIVE, "model.concept.smoothness": POSITIVE,  # lambda of Eq. 2, kept as log
     "model.momentum.m": PROBABILITY,  # m = 1 would never update the key encoders (MoCo)
@@ -357,7 +358,8 @@ _RANGES = {
     "loss.uto_alpha": POSITIVE, "loss.uto_eps": SIMILARITY, "loss.uto_lambda": NON_NEGATIVE,
     "cluster.k": POSITIVE, "cluster.iters": POSITIVE, "cluster.start_epoch": NON_NEGATIVE,
     "cluster.chunk_size": POSITIVE,
-    "train.epochs": POSITIVE, "train.batch_size": POSITIVE, "train.lr": POSITIVE,
+    "train.epochs": POSITIVE, "train.lr": POSITIVE,
+    "train.batch_size": Range(2),  # in-batch negatives (Eq. 3-5) and BatchNorm over the batch need two pairs
     "train.weight_decay": NON_NEGATIVE, "train.lr_decay_epochs": Range(0, each=int),
     "train.lr_decay": Range(0, 1, low_open=True), "train.text_lr_mult": NON_NEGATIVE,
     "train.grad_clip": NON_NEGATIVE,

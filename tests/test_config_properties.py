@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -166,8 +167,12 @@ def run(cfg: dict, work: Path) -> tuple[int, str]:
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = train.main(["--config", str(path), "--output", str(work / "run"), "--no-progress"])
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = train.main(["--config", str(path), "--output", str(work / "run"), "--no-progress"])
+    finally:  # train.deterministic=true switches PyTorch's global mode on: later tests must not inherit it
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return code, err.getvalue()
 
 
