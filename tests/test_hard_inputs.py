@@ -393,10 +393,10 @@ def concept_fails(capsys, config, tmp_path, vocab: Path) -> str:
 
 @row("NaN or inf in the concept vocabulary")
 def test_non_finite_concept_vocabulary(capsys, config, tmp_path):
-    glove = write_vocab(tmp_path / "ok.npz")  # first: the valid vocabulary trains
-    sets = [a for o in concept_overrides(glove) for a in ("--set", o)]
-    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "ok"), *sets)
-    assert code == 0, err
+    from coder.concepts import load_concepts
+
+    glove = write_vocab(tmp_path / "ok.npz")
+    assert load_concepts(glove).glove.shape == (6, 8)  # valid as written (test_config_properties.py trains on one)
     vectors = np.load(glove)["glove"]
     vectors[3, 1] = np.nan
     err = concept_fails(capsys, config, tmp_path, write_vocab(tmp_path / "nan.npz", glove=vectors))
