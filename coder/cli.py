@@ -93,10 +93,22 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
     return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
 
 
+def check_folder(path: Path, what: str) -> None:
+    """`path` is a folder or can be made one: neither it nor its nearest existing parent is a file."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f": {part}"
+                raise ConfigError(f"{what} {path}{where} is a file, not a folder")
+            return
+
+
 def train_main(argv=None) -> int:
     args = train_args(argv)
     try:
         cfg, output, resume = resolve_run(args)
+        check_folder(output, "--output" if args.output else "the output folder")
+        check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
         if cfg["data"]["prepare"] == "demo" and os.environ.get("RANK", "0") == "0":
             demo.prepare(cfg)  # the other ranks wait at the Trainer's first barrier
         Trainer(cfg, output, resume=resume, progress=not args.no_progress).fit()
@@ -152,6 +164,9 @@ class Loaded(NamedTuple):
 
 
 def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
+    if Path(path).is_dir():
+        raise CheckpointError(f"--checkpoint {path} is a folder; expected a checkpoint file, e.g. "
+                              f"{Path(path) / 'model_best.pth'}")
     ckpt = load_checkpoint(path)
     cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
     for text in overrides:
@@ -161,6 +176,7 @@ def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
                               f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
         merge(cfg, nest(keys, value))
     validate(cfg)
+    check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
     bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
     model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
     model.load_state_dict(ckpt["model"])
@@ -225,6 +241,8 @@ def evaluate_main(argv=None) -> int:
     try:
         if args.compare:
             check_resamples(args.resamples)  # before minutes of encoding
+        out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).parent
+        check_folder(out_dir, "--output")
         device = resolve_device(args.device)
         first = load_for_eval(args.checkpoint[0], args.overrides, device)
         cfg = first.cfg
@@ -240,7 +258,6 @@ def evaluate_main(argv=None) -> int:
             result["checkpoint"] = checkpoint_info(first)
         if args.compare:
             result["compare"] = compare_result(args, first, members, split, device)
-        out_dir = Path(args.output) if args.output else Path(args.checkpoint[0]).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         name = ensemble_name(split, args.checkpoint) if "ensemble" in result else result_name(split, args.checkpoint[0])
         write_json(out_dir / name, result)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +217,8 @@ def read_glove(path: str | Path, words: Iterable[str]) -> tuple[dict[str, np.nda
     """Stream a GloVe text file ("word v1 ... vd" per line) and keep only the rows of ``words``.
 
     d is read from the first line. Every line is width-checked; a missing file, an undecodable or
-    wrong-width line, or a non-number is an error naming the file (and line). Returns (vectors, d).
+    wrong-width line, or a non-number or non-finite value in a kept row is an error naming the file (and
+    line). Returns (vectors, d).
     """
     path = Path(path)
     if not path.is_file():
@@ -246,6 +249,9 @@ def read_glove(path: str | Path, words: Iterable[str]) -> tuple[dict[str, np.nda
                     vectors[word] = np.array(rest.split(" "), dtype=np.float32)
                 except ValueError as err:
                     raise ConceptError(f"{path}:{line_no}: unreadable vector ({err})") from None
+                if not np.isfinite(vectors[word]).all():  # "nan", "inf" or past float32's 3.4e38
+                    raise ConceptError(f"{path}:{line_no}: the vector of {word!r} holds non-finite values "
+                                       "(NaN or inf)")
     if line_no == 0:
         raise ConceptError(f"{path}: empty GloVe file; {GLOVE_HINT}")
     return vectors, dim
@@ -273,28 +279,69 @@ class ConceptVocabulary:
         return npz_path, json_path
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive; an unreadable archive (truncated, not a zip, pickled objects) or
+    a missing key is an error naming the file."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ConceptError(f"{path}: cannot be read as an .npz archive ({type(err).__name__}: {err})") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ConceptError(f"{path}: expected an .npz archive of arrays, got a single array")
+    missing = {"words", "pos", "counts", "cooccurrence", "glove"} - set(arrays)
+    if missing:
+        raise ConceptError(f"{path}: missing key(s) {sorted(missing)}")
+    for key in ("counts", "cooccurrence", "glove"):
+        if arrays[key].dtype.kind not in "biuf":
+            raise ConceptError(f"{path}: key {key!r} has dtype {arrays[key].dtype}, expected numbers")
+    return arrays
+
+
+def _check_rows(path: Path, key: str, bad: np.ndarray, what: str) -> None:
+    """No row of `bad` (a boolean array, one row per concept) is set; else an error naming key and row."""
+    rows = np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))
+    if rows.size:
+        raise ConceptError(f"{path}: key {key!r} row {rows[0]} holds {what}")
+
+
+def _read_info(json_path: Path) -> dict:
+    if not json_path.is_file():
+        return {}
+    try:
+        info = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConceptError(f"{json_path}: not valid JSON ({err})") from err
+    if not isinstance(info, dict):
+        raise ConceptError(f"{json_path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
 def load_concepts(path: str | Path) -> ConceptVocabulary:
-    """Read ``concepts.npz`` (and the ``concepts.json`` beside it when present), checking shapes."""
+    """Read ``concepts.npz`` (and the ``concepts.json`` beside it when present), checking shapes and values:
+    the graph (counts, co-occurrences) and the GloVe vectors are read once here and must be finite."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"concepts file not found: {path}; build it with scripts/build_concepts.py")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"words", "pos", "counts", "cooccurrence", "glove"} - set(data.files)
-        if missing:
-            raise ConceptError(f"{path}: missing key(s) {sorted(missing)}")
-        arrays = {key: data[key] for key in data.files}
-    g = arrays["words"].shape[0]
+    arrays = _read_npz(path)
+    g = arrays["words"].shape[0] if arrays["words"].ndim else 0
+    if g == 0:
+        raise ConceptError(f"{path}: key 'words' holds no concept (shape {arrays['words'].shape})")
     expected = {"words": (g,), "pos": (g,), "counts": (g,), "cooccurrence": (g, g)}
     for key, shape in expected.items():
         if arrays[key].shape != shape:
             raise ConceptError(f"{path}: key {key!r} has shape {arrays[key].shape}, expected {shape}")
-    if arrays["glove"].ndim != 2 or arrays["glove"].shape[0] != g:
+    if arrays["glove"].ndim != 2 or arrays["glove"].shape[0] != g or arrays["glove"].shape[1] == 0:
         raise ConceptError(f"{path}: key 'glove' has shape {arrays['glove'].shape}, expected ({g}, d)")
-    json_path = path.with_suffix(".json")
-    info = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    glove = arrays["glove"].astype(np.float32)  # X of the GCN (§3.2); float64 past 3e38 would turn inf here
+    _check_rows(path, "glove", ~np.isfinite(glove), "non-finite values (NaN or inf)")
+    for key in ("counts", "cooccurrence"):  # the graph (CVSE [49]): finite, non-negative counts
+        _check_rows(path, key, ~np.isfinite(arrays[key]), "non-finite values (NaN or inf)")
+        _check_rows(path, key, arrays[key] < 0, "negative counts")
     return ConceptVocabulary(arrays["words"], arrays["pos"], arrays["counts"].astype(np.int64),
-                             arrays["cooccurrence"].astype(np.int64),
-                             arrays["glove"].astype(np.float32), info)
+                             arrays["cooccurrence"].astype(np.int64), glove, _read_info(path.with_suffix(".json")))
 
 
 def scaled_quotas(num_concepts: int) -> dict[str, int]:

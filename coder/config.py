@@ -8,6 +8,8 @@ otherwise.
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,12 +182,10 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # PyYAML reads "1e-3" (no dot) as a string; an int past 1e308 overflows
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
@@ -328,23 +328,109 @@ def get(cfg: dict, dotted: str) -> Any:
     return node
 
 
+@dataclass(frozen=True)
+class Range:
+    """The meaningful values of a numeric key: `low` / `high` (None: unbounded), each included unless
+    `low_open` / `high_open`; `optional` admits null; `each` = the element type of a list key."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    each: type | None = None
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self, noun: str = "") -> str:
+        """'positive', 'non-negative integers', 'numbers in [0, 1]', 'an integer >= 1', ..."""
+        if self.high is None and self.low == 0:
+            return f"{'positive' if self.low_open else 'non-negative'} {noun}".strip()
+        if self.high is None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low}".strip()
+        interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"{noun} in {interval}".strip()
+
+
+POSITIVE, NON_NEGATIVE, FRACTION, PROBABILITY = Range(0, low_open=True), Range(0), Range(0, 1), \
+    Range(0, 1, high_open=True)
+SIMILARITY = Range(-1, 1)  # a threshold on cosine similarities, which lie in [-1, 1]
+
+# Every int/float key of DEFAULTS and its range (the schema checks the type, this table the value);
+# relations with the data (cluster.k vs the training pairs, ...) are in coder/data/checks.py.
+_RANGES = {
+    "data.val_max_captions": POSITIVE, "data.captions_per_image": POSITIVE,
+    "data.max_words": Range(3),  # [CLS], one word-piece, [SEP]
+    "data.region_dropout": PROBABILITY,  # dropping every region would leave an image empty
+    "data.word_corruption": FRACTION, "data.num_workers": NON_NEGATIVE,
+    "model.embed_dim": Range(2),  # the image head's MLP is embed_dim / 2 wide (VSE-infinity)
+    "model.region_dim": POSITIVE, "model.num_regions": POSITIVE,
+    "model.text_layers": Range(1, optional=True, each=int),
+    "model.concept.gcn_hidden": POSITIVE, "model.concept.smoothness": POSITIVE,  # lambda of Eq. 2, kept as log
+    "model.momentum.m": PROBABILITY,  # m = 1 would never update the key encoders (MoCo)
+    "model.momentum.queue_size": POSITIVE,
+    "model.user.dropout": PROBABILITY, "model.user.lambda_att": NON_NEGATIVE, "model.user.clip_dim": POSITIVE,
+    "loss.instance_weight": NON_NEGATIVE, "loss.margin": NON_NEGATIVE, "loss.warmup_epochs": NON_NEGATIVE,
+    "loss.temperature": POSITIVE, "loss.mu": POSITIVE,  # both divide the similarities (Eq. 4-5)
+    "loss.gamma": SIMILARITY, "loss.eps": POSITIVE,  # Eq. 3: sigma(eps / SD)
+    "loss.memory_weight": NON_NEGATIVE, "loss.concept_weight": NON_NEGATIVE, "loss.pgc_weight": NON_NEGATIVE,
+    "loss.uto_alpha": POSITIVE, "loss.uto_eps": SIMILARITY,
+    "cluster.k": POSITIVE, "cluster.iters": POSITIVE, "cluster.start_epoch": NON_NEGATIVE,
+    "cluster.chunk_size": POSITIVE,
+    "train.epochs": POSITIVE, "train.lr": POSITIVE,
+    "train.batch_size": Range(2),  # in-batch negatives (Eq. 3-5) and BatchNorm over the batch need two pairs
+    "train.weight_decay": NON_NEGATIVE, "train.lr_decay_epochs": Range(0, each=int),
+    "train.lr_decay": Range(0, 1, low_open=True), "train.text_lr_mult": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.seed": Range(0, 2**31 - 1),  # NumPy seeds (seed + epoch) must be non-negative and below 2**32
+    "train.log_every": POSITIVE, "train.save_every": NON_NEGATIVE, "train.eval_every": POSITIVE,
+    "train.max_steps_per_epoch": NON_NEGATIVE, "train.dist_timeout_minutes": POSITIVE,
+    "eval.beta": FRACTION, "eval.beta_grid": Range(0, 1, each=float), "eval.batch_size": POSITIVE,
+    "eval.chunk_size": POSITIVE,
+}
+
+
+def _is_number(value: Any, kind: type | None) -> bool:
+    """A finite int (kind int) or finite int/float (otherwise); bools are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    return math.isfinite(value)
+
+
+def check_range(key: str, value: Any, allowed: Range) -> None:
+    """The README's form: `config key 'train.lr' must be positive, got -0.1`."""
+    if isinstance(value, list):
+        if not all(_is_number(v, allowed.each) and allowed.holds(v) for v in value):
+            noun = "integers" if allowed.each is int else "numbers"
+            raise ConfigError(f"config key '{key}' must list {allowed.describe(noun)}, got {value!r}")
+        return
+    if value is None and allowed.optional:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    if not _is_number(value, allowed.each) or not allowed.holds(value):
+        what = allowed.describe("an integer" if allowed.each is int else "")
+        raise ConfigError(f"config key '{key}' must be {what}{' or null' if allowed.optional else ''}, "
+                          f"got {value!r}")
+
+
 def validate(cfg: dict) -> None:
-    """Cross-key checks the type schema cannot express."""
+    """Value checks the type schema cannot express: choices, ranges, and relations between keys."""
     from .losses.objective import check_loss_keys
 
     for key, allowed in choices().items():
         if get(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {get(cfg, key)!r}")
+    for key, allowed in _RANGES.items():
+        check_range(key, get(cfg, key), allowed)
     check_loss_keys(cfg)
-    for key in ("train.epochs", "train.batch_size", "model.embed_dim", "model.momentum.queue_size", "cluster.k"):
-        if get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")
-    if any(not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0 for b in cfg["eval"]["beta_grid"]):
-        raise ConfigError(f"config key 'eval.beta_grid' must list numbers in [0, 1], got {cfg['eval']['beta_grid']}")
-    if not 0.0 <= cfg["eval"]["beta"] <= 1.0:
-        raise ConfigError(f"config key 'eval.beta' must be in [0, 1], got {cfg['eval']['beta']}")
-    if not 0.0 <= cfg["model"]["momentum"]["m"] < 1.0:
-        raise ConfigError(f"config key 'model.momentum.m' must be in [0, 1), got {cfg['model']['momentum']['m']}")
+    data = cfg["data"]
+    if data["val_max_captions"] % data["captions_per_image"]:
+        raise ConfigError(f"config key 'data.val_max_captions' ({data['val_max_captions']}) must be a multiple "
+                          f"of 'data.captions_per_image' ({data['captions_per_image']}): whole images only")
     if cfg["loss"]["pgc_weight"] > 0 and cfg["model"]["concept"]["enabled"] and not cfg["model"]["momentum"]["enabled"]:
         raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' "
                           "(k-means runs on momentum features)")

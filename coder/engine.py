@@ -28,6 +28,7 @@ from .checkpoint import (
 from .clustering import cluster_training_pairs
 from .config import ConfigError, dump
 from .data import PrecompDataset, collate
+from .data.checks import check_against_data
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
@@ -134,12 +135,7 @@ def training_data(cfg: dict, tokenizer, world: int, rank: int, pin_memory: bool)
     """(dataset, sampler, loader, the loader's generator) of the training split for this process."""
     data, batch = cfg["data"], cfg["train"]["batch_size"]
     dataset = training_split(cfg, tokenizer, train=data["augment"])
-    if dataset.region_dim != cfg["model"]["region_dim"]:
-        raise ConfigError(f"config key 'model.region_dim' is {cfg['model']['region_dim']} but "
-                          f"{data['root']}/{data['train_split']}_ims.npy has {dataset.region_dim}-d regions")
-    if len(dataset) < batch * world:
-        raise ConfigError(f"config key 'train.batch_size' ({batch}) x {world} process(es) exceeds the "
-                          f"{len(dataset)} training captions in {data['root']}")
+    check_against_data(cfg, dataset, world)  # region shapes, batch, bank and prototypes against the data
     sampler = ResumeSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                seed=cfg["train"]["seed"], drop_last=True), batch)
     # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a run resumed

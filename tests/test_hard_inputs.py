@@ -152,6 +152,34 @@ def test_config_value_outside_choices(capsys, config, tmp_path):
     assert_message("Config value outside its choices", train_fails(capsys, config, tmp_path, "loss.instance=dlc"))
 
 
+@row("Numeric config value outside its range")
+def test_numeric_value_outside_its_range(capsys, config, tmp_path):
+    assert_message("Numeric config value outside its range", train_fails(capsys, config, tmp_path, "train.lr=-0.1"))
+    assert "must be positive, got -0.1" in train_fails(capsys, config, tmp_path, "train.lr=-0.1")
+    assert "'model.momentum.m' must be in [0, 1), got 1.0" in train_fails(capsys, config, tmp_path,
+                                                                       "model.momentum.m=1.0")
+
+
+@row("Config value that is NaN or inf")
+def test_config_value_not_finite(capsys, config, tmp_path):
+    assert_message("Config value that is NaN or inf", train_fails(capsys, config, tmp_path, "train.lr=.inf"))
+    assert "'loss.mu' must be a finite number, got nan" in train_fails(capsys, config, tmp_path, "loss.mu=.nan")
+
+
+@row("List config value with an element outside its range")
+def test_list_value_element_outside_range(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "eval.beta_grid=[0.5, 1.5]")
+    assert_message("List config value with an element outside its range", err)
+    assert "must list non-negative integers, got [3, 'x']" in train_fails(capsys, config, tmp_path,
+                                                                          "train.lr_decay_epochs=[3, x]")
+
+
+@row("`data.val_max_captions` not a multiple")
+def test_val_max_captions_not_a_multiple(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "data.val_max_captions=12")
+    assert_message("`data.val_max_captions` not a multiple", err)
+
+
 @row("Malformed `--set`")
 def test_malformed_set(capsys, config, tmp_path):
     assert_message("Malformed `--set`", train_fails(capsys, config, tmp_path, "train.epochs"))
@@ -163,6 +191,38 @@ def test_text_encoder_missing(capsys, config, tmp_path):
     err = train_fails(capsys, config, tmp_path, f"model.text_encoder={tmp_path / 'no_bert'}")
     assert_message("Text encoder / tokenizer folder missing", err)
     assert str(tmp_path / "no_bert") in err
+
+
+# ------------------------------------------------------------------------------------------ paths
+@row("`--output` naming an existing file")
+def test_output_naming_a_file(capsys, config, tmp_path, trained):
+    (tmp_path / "taken").write_text("not a folder\n")
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "taken"))
+    assert code == 2, err
+    assert_message("`--output` naming an existing file", err)
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "taken" / "run"))
+    assert code == 2 and f"{tmp_path / 'taken'} is a file, not a folder" in err  # a parent that is a file
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--output", str(tmp_path / "taken"))
+    assert code == 2
+    assert_message("`--output` naming an existing file", err)
+    assert (tmp_path / "taken").read_text() == "not a folder\n"
+
+
+@row("`data.root` naming a file")
+def test_data_root_naming_a_file(capsys, config, tmp_path, trained):
+    (tmp_path / "root.txt").write_text("")
+    err = train_fails(capsys, config, tmp_path, f"data.root={tmp_path / 'root.txt'}")
+    assert_message("`data.root` naming a file", err)
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--set", f"data.root={tmp_path / 'root.txt'}")
+    assert code == 2
+    assert_message("`data.root` naming a file", err)
+
+
+@row("`evaluate.py --checkpoint` naming a folder")
+def test_checkpoint_naming_a_folder(capsys, trained):
+    code, err = run_evaluate(capsys, trained[1])
+    assert code == 2
+    assert_message("`evaluate.py --checkpoint` naming a folder", err)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -245,6 +305,44 @@ def test_batch_larger_than_data(capsys, config, tmp_path):
     assert_message("Batch larger than the training set", err)
 
 
+@row("Memory bank larger than the training set")
+def test_memory_bank_larger_than_data(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "model.momentum.enabled=true")  # the default 4,096 keys
+    assert_message("Memory bank larger than the training set", err)
+    assert f"(4096) exceeds the {IMAGES * CAPTIONS_PER_IMAGE} training captions" in err
+
+
+@row("More PGC prototypes than training pairs")
+def test_more_prototypes_than_pairs(capsys, config, tmp_path, data):
+    write_vocab(data / "concepts.npz")
+    concept = ["model.concept.enabled=true", "model.momentum.enabled=true", "model.momentum.queue_size=8"]
+    err = train_fails(capsys, config, tmp_path, *concept)  # the default K = 10,000
+    assert_message("More PGC prototypes than training pairs", err)
+    assert f"(10000) exceeds the {IMAGES * CAPTIONS_PER_IMAGE} training pairs" in err
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "run"), "--set", concept[0],
+                          "--set", concept[1], "--set", concept[2], "--set", "loss.pgc_weight=0")
+    assert code == 0, err  # without PGC there are no prototypes to count
+
+
+@row("`data.max_words` beyond the text encoder")
+def test_max_words_beyond_the_text_encoder(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, "data.max_words=600")
+    assert_message("`data.max_words` beyond the text encoder", err)
+    assert "(600) exceeds the 512 tokens" in err
+
+
+@row("Region count differs from `model.num_regions`")
+def test_num_regions_differs_for_sge(capsys, config, tmp_path, data):
+    user = ["model.user.sge=true", "data.region_dropout=0"]
+    err = train_fails(capsys, config, tmp_path, *user, "model.num_regions=20")
+    assert_message("Region count differs from `model.num_regions`", err)
+    assert "has 36 regions per image" in err
+    np.save(data / "dev_ims.npy", np.load(data / "dev_ims.npy")[:, :30])  # dev differs: named before training
+    err = train_fails(capsys, config, tmp_path, *user)
+    assert f"{data / 'dev_ims.npy'} has 30 regions per image" in err
+    assert not (tmp_path / "run" / "checkpoint_last.pth").exists()
+
+
 # ------------------------------------------------------------------------------------------ CLIP
 @row("CLIP features missing")
 def test_clip_features_missing(capsys, config, tmp_path, data):
@@ -261,7 +359,79 @@ def test_clip_features_wrong_shape(capsys, config, tmp_path, data):
         assert f"shape {shape}" in err
 
 
+@row("NaN or inf in the CLIP features")
+def test_non_finite_clip_features(capsys, config, tmp_path, data):
+    clip = np.load(data / "train_clip.npy")
+    clip[5, 7] = np.nan
+    np.save(data / "train_clip.npy", clip)
+    err = train_fails(capsys, config, tmp_path, "data.clip_features=true")
+    assert_message("NaN or inf in the CLIP features", err)
+    assert f"{data / 'train_clip.npy'}: row 5 holds" in err
+
+
 # ------------------------------------------------------------------------------------------ concepts
+def write_vocab(path: Path, g: int = 6, d: int = 8, **replace) -> Path:
+    """A small valid concepts.npz (g concepts, d-d vectors), with any array replaced by `replace`."""
+    rng = np.random.default_rng(0)
+    cooc = rng.integers(0, 5, (g, g))
+    arrays = {"words": np.array([f"w{i}" for i in range(g)]), "pos": np.array(["noun"] * g),
+              "counts": rng.integers(5, 9, g), "cooccurrence": np.triu(cooc, 1) + np.triu(cooc, 1).T,
+              "glove": rng.standard_normal((g, d)).astype(np.float32)}
+    np.savez(path, **{**arrays, **replace})
+    return path
+
+
+def concept_overrides(vocab: Path) -> list[str]:
+    """The concept branch with PGC on a tiny vocabulary, sized for the tiny data set."""
+    return ["model.concept.enabled=true", "model.momentum.enabled=true", "model.momentum.queue_size=8",
+            "cluster.k=4", f"model.concept.vocab={vocab}"]
+
+
+def concept_fails(capsys, config, tmp_path, vocab: Path) -> str:
+    return train_fails(capsys, config, tmp_path, *concept_overrides(vocab))
+
+
+@row("NaN or inf in the concept vocabulary")
+def test_non_finite_concept_vocabulary(capsys, config, tmp_path):
+    from coder.concepts import load_concepts
+
+    glove = write_vocab(tmp_path / "ok.npz")
+    assert load_concepts(glove).glove.shape == (6, 8)  # valid as written (test_config_properties.py trains on one)
+    vectors = np.load(glove)["glove"]
+    vectors[3, 1] = np.nan
+    err = concept_fails(capsys, config, tmp_path, write_vocab(tmp_path / "nan.npz", glove=vectors))
+    assert_message("NaN or inf in the concept vocabulary", err)
+    assert "key 'glove' row 3 holds non-finite" in err
+    cooc = np.load(glove)["cooccurrence"].astype(np.float64)
+    cooc[2, 4] = np.inf
+    err = concept_fails(capsys, config, tmp_path, write_vocab(tmp_path / "inf.npz", cooccurrence=cooc))
+    assert "key 'cooccurrence' row 2 holds non-finite" in err
+
+
+@row("Negative counts in the concept graph")
+def test_negative_counts_in_the_concept_graph(capsys, config, tmp_path):
+    counts = np.arange(6) - 2
+    err = concept_fails(capsys, config, tmp_path, write_vocab(tmp_path / "neg.npz", counts=counts))
+    assert_message("Negative counts in the concept graph", err)
+    assert "key 'counts' row 0 holds negative counts" in err
+
+
+@row("Concept vocabulary that is not an `.npz` archive")
+def test_concept_vocabulary_not_an_archive(capsys, config, tmp_path):
+    vocab = write_vocab(tmp_path / "concepts.npz")
+    whole = vocab.read_bytes()
+    for broken in (b"not a zip", whole[: len(whole) // 2]):
+        vocab.write_bytes(broken)
+        assert_message("Concept vocabulary that is not an `.npz` archive", concept_fails(capsys, config, tmp_path,
+                                                                                         vocab))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    assert "got a single array" in concept_fails(capsys, config, tmp_path, tmp_path / "single.npy")
+    write_vocab(vocab, glove=np.array([["a"] * 8] * 6))
+    assert "key 'glove' has dtype <U1, expected numbers" in concept_fails(capsys, config, tmp_path, vocab)
+    write_vocab(vocab).with_suffix(".json").write_text("{not json")
+    assert "concepts.json: not valid JSON" in concept_fails(capsys, config, tmp_path, vocab)
+
+
 @row("Concept vocabulary missing")
 def test_concept_vocabulary_missing(capsys, config, tmp_path):
     err = train_fails(capsys, config, tmp_path, "model.concept.enabled=true", "model.momentum.enabled=true",
@@ -293,6 +463,24 @@ def test_glove_bad_line(capsys, data, tmp_path):
     text = capsys.readouterr().err
     assert_message("GloVe line with the wrong number", text)
     assert f"{glove}:3: expected 3 values, got 2" in text
+    assert not (tmp_path / "out" / "concepts.npz").exists()
+
+
+@row("NaN or inf in a GloVe row")
+def test_glove_non_finite_row(capsys, data, tmp_path):
+    from coder.concepts import heuristic_pos, tokenize
+
+    words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
+    glove = tmp_path / "glove.txt"
+    lines = [f"{w} 0.1 0.2 0.3" for w in words]
+    lines[2] = f"{words[2]} 0.1 nan 0.3"
+    glove.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = build_concepts_script().main(["--root", str(data), "--glove", str(glove), "--output", str(tmp_path / "out"),
+                                         "--pos-method", "heuristic"])
+    assert code == 2
+    text = capsys.readouterr().err
+    assert_message("NaN or inf in a GloVe row", text)
+    assert f"{glove}:3: the vector of '{words[2]}' holds non-finite values" in text
     assert not (tmp_path / "out" / "concepts.npz").exists()
 
 
