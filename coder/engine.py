@@ -291,7 +291,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ training
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.cfg["train"]["amp"]
