@@ -111,3 +111,36 @@ def coder_trainer(tiny_coder_data, tiny_bert_dir, tmp_path_factory):
 def test_a_full_coder_step_syncs_at_most_twice(coder_trainer):
     syncs = per_step_syncs(coder_trainer, 1)
     assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
+
+
+def test_a_user_step_syncs_at_most_twice(tiny_coder_data, tiny_bert_dir, tmp_path):
+    cfg = tiny("configs/demo_user.yaml", tiny_coder_data, tiny_bert_dir, "data.clip_features=false",
+               "model.user.cge=false")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert trainer.model.image_encoder.sge is not None and trainer.model.momentum is not None
+    syncs = per_step_syncs(trainer, 0)
+    assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
+
+
+def test_precomputed_lengths_give_the_tensor_lengths_numbers():
+    """The sync-free path (Lengths from collate) equals the plain-tensor path, forward and backward."""
+    from coder.data.collate import collate
+    from coder.models.heads import ImageHead, TextHead
+    from coder.models.text import TextBackbone, tiny_bert
+
+    torch.manual_seed(0)
+    items = [{"regions": torch.randn(n, 8), "input_ids": torch.randint(1, 100, (n + 2,))} for n in (3, 7, 2, 7, 5)]
+    batch = collate(items)
+    image, text = ImageHead(8, 16), TextHead(16, 16)
+    backbone = TextBackbone(tiny_bert(vocab_size=100, hidden=16, layers=2, heads=2)).eval()
+    outputs = []
+    for region_lengths, text_lengths in ((batch["region_lengths"], batch["text_lengths"]),
+                                         (batch["region_lengths"].lengths, batch["text_lengths"].lengths)):
+        image.zero_grad()
+        v = image(batch["regions"], region_lengths)
+        w = text(backbone(batch["input_ids"], text_lengths), text_lengths)
+        (v @ w.t()).square().sum().backward()
+        outputs.append((v, w, [p.grad.clone() for p in image.parameters()]))
+    (v0, w0, g0), (v1, w1, g1) = outputs
+    assert torch.equal(v0, v1) and torch.equal(w0, w1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
