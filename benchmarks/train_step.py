@@ -120,7 +120,7 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
             torch.cuda.synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-        lengths.append(data["text_lengths"].float().cpu())
+        lengths.append(data["text_lengths"].lengths.float().cpu())
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -135,7 +135,7 @@ def pair_features(encode_pairs, loader, device, autocast, progress: bool = True)
     momentum encoders (`encode_pairs`), in loader order, float32."""
     feats = []
     for batch in tqdm(loader, desc="k-means features", leave=False, disable=not progress):
-        batch = {key: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for key, v in batch.items()}
+        batch = {key: v.to(device, non_blocking=True) if hasattr(v, "to") else v for key, v in batch.items()}
         with autocast:
             feats.append(encode_pairs(batch["regions"], batch["region_lengths"], batch["input_ids"],
                                       batch["text_lengths"], batch.get("clip")).float())

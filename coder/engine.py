@@ -278,7 +278,7 @@ class Trainer:
         for batch in self.train_loader:
             if self.step_in_epoch >= total:
                 break
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
             with self._autocast():
                 loss, terms, diag = self.step_module(batch, epoch, labels[batch["index"]] if labels is not None
                                                      else None)

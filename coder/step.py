@@ -48,7 +48,8 @@ class ContrastiveStep(nn.Module):
         """What the terms see: this rank's embeddings, the pairs' ids and the batch fields a term declares, or
         every rank's (with gradients) under DDP with `gather_batch`, so N processes of batch B train like one
         of N x B. A term reads the same fields in one process as under torchrun."""
-        fields = {key: batch[key] for key in ("index", "image_index", *self.objective.batch_fields)}
+        fields = {key: getattr(batch[key], "lengths", batch[key])  # a Lengths object: its tensor
+                  for key in ("index", "image_index", *self.objective.batch_fields)}
         if self.gather_batch and dist.is_distributed():
             out = {name: dist.gather_with_grad(value) for name, value in out.items()}
             fields = {key: dist.gather_with_grad(value) for key, value in fields.items()}

@@ -4,20 +4,23 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..models.aggregators import Lengths
+
 INDEX_KEYS = ("index", "image_index", "row")
 
 
-def _pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad along the first dimension; returns (batch, lengths)."""
+def _pad(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, Lengths]:
+    """Zero-pad along the first dimension; returns (batch, lengths), the lengths with their packing indices
+    computed here on the CPU, so the training step never reads them back from the device."""
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    return pad_sequence(sequences, batch_first=True, padding_value=0), lengths
+    return pad_sequence(sequences, batch_first=True, padding_value=0), Lengths(lengths)
 
 
 def collate(items: list[dict]) -> dict:
     """Batch items of PrecompDataset, PrecompImages or PrecompCaptions.
 
     regions -> (B, Lmax, D) zero-padded + region_lengths (B,); input_ids -> (B, Tmax) padded with 0
-    (BERT's [PAD]) + text_lengths (B,); index, image_index, row -> LongTensor (B,); clip -> (B, clip_dim).
+    (BERT's [PAD]) + text_lengths (B,), both lengths as `Lengths` (`.lengths` is the tensor); index, image_index, row -> LongTensor (B,); clip -> (B, clip_dim).
     """
     if not items:
         raise ValueError("collate got an empty list of items")

@@ -5,11 +5,10 @@ pair that produces its query vectors v_C^q, w_C^q (§3.2).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aggregators import build_aggregator, valid_mask
+from .aggregators import Lengths, as_lengths, build_aggregator
 
 
 class ImageHead(nn.Module):
@@ -30,13 +29,15 @@ class ImageHead(nn.Module):
         )
         self.aggregate = build_aggregator(aggregator)
 
-    def local_features(self, regions: Tensor, lengths: Tensor) -> Tensor:
-        mask = valid_mask(lengths, regions.size(1)).unsqueeze(-1)
+    def local_features(self, regions: Tensor, lengths: Tensor | Lengths) -> Tensor:
+        batch, width = regions.shape[:2]
+        real = as_lengths(lengths, regions, width).real_at(width)  # flat (b, k) index of each real region
         h = self.fc(regions)
-        residual = self.mlp(regions[mask.squeeze(-1)]).to(h.dtype)  # real regions only
-        return h + torch.zeros_like(h).masked_scatter(mask, residual)
+        residual = self.mlp(regions.flatten(0, 1).index_select(0, real)).to(h.dtype)  # real regions only
+        return h + h.new_zeros(batch * width, h.size(-1)).index_copy(0, real, residual).view_as(h)
 
-    def forward(self, regions: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, regions: Tensor, lengths: Tensor | Lengths) -> Tensor:
+        lengths = as_lengths(lengths, regions, regions.size(1))  # derived once for the MLP and the aggregator
         return F.normalize(self.aggregate(self.local_features(regions, lengths), lengths).float(), dim=-1)
 
 
@@ -48,5 +49,5 @@ class TextHead(nn.Module):
         self.fc = nn.Linear(hidden_dim, embed_dim)
         self.aggregate = build_aggregator(aggregator)
 
-    def forward(self, token_states: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, token_states: Tensor, lengths: Tensor | Lengths) -> Tensor:
         return F.normalize(self.aggregate(self.fc(token_states), lengths).float(), dim=-1)

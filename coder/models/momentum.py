@@ -71,7 +71,9 @@ class FeatureQueue(nn.Module):
     """FIFO of unit vectors with the image id of each entry, as registered buffers (saved in state_dict).
 
     Buffers: features (size, dim) random unit vectors at first, ids (size,) long with -1 for "no
-    image", ptr (1,) the next slot to write, filled (1,) how many slots hold real keys.
+    image", ptr (1,) the next slot to write, filled (1,) how many slots hold real keys. `ptr` and `filled`
+    are mirrored in Python ints (refreshed when a state dict is loaded), so enqueue never reads a device
+    scalar back.
     Initialise with the same seed on every DDP rank (or broadcast) so the random start agrees.
     Enqueue only after backward, or read `features.clone()`: enqueue writes the buffer in place.
     """
@@ -85,6 +87,13 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("filled", torch.zeros(1, dtype=torch.long))
+        self._ptr = self._filled = 0
+        self.register_load_state_dict_post_hook(FeatureQueue._mirror_pointers)
+
+    @staticmethod
+    def _mirror_pointers(queue: FeatureQueue, incompatible_keys=None) -> None:
+        """Python copies of the loaded `ptr` / `filled` buffers (one read-back per load, not per step)."""
+        queue._ptr, queue._filled = int(queue.ptr), int(queue.filled)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor, ids: Tensor) -> None:
@@ -105,16 +114,17 @@ class FeatureQueue(nn.Module):
         keys, ids = all_gather_rows(keys, ids)  # every rank's keys in rank order (a no-op in one process)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
-        start = int(self.ptr)
+        start = self._ptr
         slots = (start + torch.arange(batch - kept, batch, device=self.features.device)) % self.size
         self.features[slots] = keys[batch - kept:]
         self.ids[slots] = ids[batch - kept:]
-        self.ptr.fill_((start + batch) % self.size)
-        self.filled.fill_(min(int(self.filled) + batch, self.size))
+        self._ptr, self._filled = (start + batch) % self.size, min(self._filled + batch, self.size)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
 
     def fill_fraction(self) -> float:
         """Fraction of slots that hold real keys rather than the random initialisation."""
-        return int(self.filled) / self.size
+        return self._filled / self.size
 
 
 class MomentumContrast(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MissingFileError
-from .aggregators import valid_mask
+from .aggregators import Lengths, as_lengths, valid_mask
 
 PKG_PREFIX = "pkg://"
 
@@ -79,10 +79,11 @@ class TextBackbone(nn.Module):
         self.hidden_dim = bert.config.hidden_size
         self.packed = packed and packable(bert)
 
-    def forward(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, lengths: Tensor | Lengths) -> Tensor:
+        lengths = as_lengths(lengths, input_ids, input_ids.size(1))
         # a batch with little padding (evaluation sorts captions by length) is faster without the scatters
-        if not self.packed or int(lengths.sum()) > 0.9 * input_ids.numel():
-            mask = valid_mask(lengths, input_ids.size(1)).long()
+        if not self.packed or lengths.total > 0.9 * input_ids.numel():
+            mask = valid_mask(lengths.lengths, input_ids.size(1)).long()
             return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return packed_bert(self.bert, input_ids, lengths)
 
@@ -94,15 +95,16 @@ def packable(bert: nn.Module) -> bool:
             and not getattr(config, "add_cross_attention", False) and not config.chunk_size_feed_forward)
 
 
-def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
+def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor | Lengths) -> Tensor:
     """BertModel's last hidden states (B, T, H) with every layer applied to real tokens only (zeros at padding).
 
     Embeddings, feed-forward blocks, residuals and LayerNorms are per token, so they run on the packed (N, H)
     tokens through BERT's own modules; self-attention scatters queries, keys and values to (B, heads, T, d)
     and masks padded keys, with BERT's scaling and attention dropout."""
     batch, width = input_ids.shape
-    mask = valid_mask(lengths, width)
-    real = mask.flatten().nonzero().squeeze(1)  # packed token -> flat (b, t) position
+    lengths = as_lengths(lengths, input_ids, width)
+    mask = valid_mask(lengths.lengths, width)
+    real = lengths.real_at(width)  # packed token -> flat (b, t) position
     emb = bert.embeddings
     ids = input_ids.flatten()[real]
     positions = (real % width).to(ids.dtype)
@@ -122,7 +124,7 @@ def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
             spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)),
             attn_mask=mask[:, None, None, :], dropout_p=attention.dropout.p if attention.training else 0.0,
             scale=attention.scaling)
-        context = context.transpose(1, 2).reshape(batch * width, -1)[real]
+        context = context.transpose(1, 2).reshape(batch * width, -1).index_select(0, real)
         x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + x)
         x = layer.output(layer.intermediate(x), x)  # feed-forward, dropout, LayerNorm(. + x)
     return unpack(x)

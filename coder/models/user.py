@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .aggregators import Lengths
+
 
 def injection_weights(regions: Tensor, g: Tensor, lambda_att: float = 1.0) -> Tensor:
     """b = L2norm_k(softmax_k(lambda_att <g, o_k>)), shape (B, L)."""
@@ -58,13 +60,17 @@ class SelfGuidedEnhancement(nn.Module):
             nn.init.xavier_uniform_(linear.weight)  # as USER's SGE: Xavier weights, zero bias
             nn.init.zeros_(linear.bias)
 
-    def _check(self, regions: Tensor, lengths: Tensor | None) -> None:
+    def _check(self, regions: Tensor, lengths: Tensor | Lengths | None) -> None:
         _check_regions(regions, self.region_dim, "SelfGuidedEnhancement")
         count = regions.size(1)
         if count != self.num_regions:
             raise ValueError(
                 f"SelfGuidedEnhancement expects exactly {self.num_regions} regions per image, got {count} "
                 "(USER needs a fixed region count: turn region dropout off in USER configs)")
+        if isinstance(lengths, Lengths):  # the bounds are Python ints: no read-back in the training step
+            if lengths.min_len == lengths.max_len == self.num_regions:
+                return
+            lengths = lengths.lengths
         if lengths is not None:
             short = lengths != self.num_regions
             if bool(short.any()):
@@ -84,7 +90,7 @@ class SelfGuidedEnhancement(nn.Module):
         g = F.normalize(torch.einsum("bl,bld->bd", a, regions), dim=-1)  # g = L2norm(sum_k a_k o_k)
         return g, a
 
-    def forward(self, regions: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, regions: Tensor, lengths: Tensor | Lengths | None = None) -> Tensor:
         """regions (B, L, D), lengths (B,) or None -> enhanced regions (B, L, D)."""
         self._check(regions, lengths)
         g, _ = self.self_attention(regions)
