@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # VSE-infinity's training augmentations (precomp format of SCAN/VSE-infinity)
         "region_dropout": 0.2,
         "word_corruption": 0.2,
-        "num_workers": 0,
+        # DataLoader workers: an int >= 0, or auto = 0 on the CPU, on CUDA the CPUs of this process but one (<= 8)
+        "num_workers": "auto",
         "prepare": "",  # "demo": train.py writes the embedded demo data into data.root on first use
         "clip_features": False,  # load S_clip.npy (USER's CGE), model.user.clip_dim wide
     },
@@ -126,6 +127,11 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip_scope": "branch",
         "seed": 0,
         "amp": True,  # bf16 autocast on CUDA; CPU always runs fp32
+        # TF32 for float32 matmuls in the training step on CUDA (Ampere+). Off: the paper trained in fp32, and the
+        # losses are computed in float32 from similarities that TF32 would round to ~3 digits; k-means
+        # assignment and ranking never use it (coder/precision.py)
+        "tf32": False,
+        # bitwise-repeatable CUDA kernels: deterministic algorithms, cuDNN without autotuning, cuBLAS's workspace
         "deterministic": False,
         "log_every": 10,
         "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
@@ -152,6 +158,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _ANY_WHEN_NONE = (str, int, float, type(None))
+_INT_OR_AUTO = ("data.num_workers",)  # an int, or the string "auto"
 
 
 def merge(base: dict, override: dict, prefix: str = "") -> None:
@@ -164,6 +171,8 @@ def merge(base: dict, override: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
             merge(default, value, prefix=f"{path}.")
+        elif path in _INT_OR_AUTO and (value == "auto" or (isinstance(value, int) and not isinstance(value, bool))):
+            base[key] = value
         else:
             base[key] = _check_type(path, default, value)
 
@@ -316,6 +325,9 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {get(cfg, key)}")
     if any(not isinstance(b, (int, float)) or not 0.0 <= b <= 1.0 for b in cfg["eval"]["beta_grid"]):
         raise ConfigError(f"config key 'eval.beta_grid' must list numbers in [0, 1], got {cfg['eval']['beta_grid']}")
+    workers = cfg["data"]["num_workers"]
+    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"config key 'data.num_workers' must be an int >= 0 or 'auto', got {workers!r}")
     if not 0.0 <= cfg["eval"]["beta"] <= 1.0:
         raise ConfigError(f"config key 'eval.beta' must be in [0, 1], got {cfg['eval']['beta']}")
     if not 0.0 <= cfg["model"]["momentum"]["m"] < 1.0:

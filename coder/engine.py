@@ -30,11 +30,13 @@ from .checkpoint import (
 from .clustering import pair_features, spherical_kmeans
 from .config import ConfigError, dump, from_dict
 from .data import PrecompDataset, collate
+from .data.workers import loader_options
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
 from .models.model import build_model
 from .models.text import load_text_backbone
+from .precision import set_deterministic, tf32
 
 
 class NonFiniteLossError(CoderError, RuntimeError):
@@ -55,8 +57,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        set_deterministic()
 
 
 def lr_at(train_cfg: dict, epoch: int) -> float:
@@ -141,21 +142,18 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         seed_everything(tcfg["seed"], tcfg["deterministic"])
         dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
 
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
         self.objective = Objective(cfg).to(self.device)
+        dist.offset_seeds(tcfg["seed"], self.rank)  # parameters identical on every rank, dropout streams not
         self.step_module: nn.Module = TrainStep(self.model, self.objective, tcfg["gather_batch"])
         if self.world > 1 and self.device.type == "cuda" and tcfg["sync_batchnorm"]:
             self.step_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.step_module)
         if self.world > 1:
-            self.step_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.objective.prototypes is not None)
+            self.step_module = dist.wrap_ddp(self.step_module, self.device, self.objective.prototypes is not None)
         self.optimizer = build_optimizer(self.step_module, tcfg)
         self._build_data()
 
@@ -195,13 +193,12 @@ class Trainer:
         base = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                   seed=cfg["train"]["seed"], drop_last=True)
         self.sampler = ResumeSampler(base, batch)
-        cuda = self.device.type == "cuda"
         # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a run resumed
         # mid-epoch (which starts one more iterator after restoring that RNG) would drift from an uninterrupted one.
         self.loader_generator = torch.Generator()
         self.train_loader = DataLoader(self.train_set, batch_size=batch, sampler=self.sampler, drop_last=True,
-                                       collate_fn=collate, num_workers=data["num_workers"], pin_memory=cuda,
-                                       persistent_workers=False, generator=self.loader_generator)
+                                       collate_fn=collate, generator=self.loader_generator,
+                                       **loader_options(data["num_workers"], self.device.type))
 
     def steps_per_epoch(self) -> int:
         full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
@@ -209,19 +206,20 @@ class Trainer:
         return min(full, cap) if cap > 0 else full
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
+    def _state(self, rng: dict) -> dict:
         return {
             "format": "coder", "version": FORMAT_VERSION, "config": self.cfg,
             "model": self.model.state_dict(), "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "best_rsum": self.best_rsum, "best_epoch": self.best_epoch,
-            "best_beta": self.best_beta, "rng": rng_state(),
+            "best_beta": self.best_beta, "rng": rng,
             "kmeans": {"centroids": self.centroids, "labels": self.labels},
         }
 
     def save_last(self) -> None:
+        rng = rng_state()  # every rank's generators: a collective, so every rank calls save_last
         if dist.is_main():
-            atomic_save(self._state(), self.out_dir / "checkpoint_last.pth")
+            atomic_save(self._state(rng), self.out_dir / "checkpoint_last.pth")
 
     def save_best(self) -> None:
         if dist.is_main():
@@ -248,7 +246,7 @@ class Trainer:
         self.best_rsum, self.best_epoch = ckpt["best_rsum"], ckpt["best_epoch"]
         self.best_beta = ckpt.get("best_beta", self.best_beta)
         self.centroids, self.labels = ckpt["kmeans"]["centroids"], ckpt["kmeans"]["labels"]
-        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ckpt["rng"].items()})
+        set_rng_state(ckpt["rng"], seed=self.cfg["train"]["seed"] + self.global_step)
         if dist.is_main():
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} of the epoch")
 
@@ -266,7 +264,7 @@ class Trainer:
         bounds = [len(plain) * r // self.world for r in range(self.world + 1)]
         share = Subset(plain, range(bounds[self.rank], bounds[self.rank + 1]))
         loader = DataLoader(share, batch_size=self.cfg["eval"]["batch_size"], collate_fn=collate,
-                            num_workers=data["num_workers"])
+                            **loader_options(data["num_workers"], self.device.type))
         self.model.eval()
         (x,) = dist.all_gather_rows(pair_features(self.model.momentum.encode_pairs, loader, self.device,
                                                   self._autocast(), self.progress and dist.is_main()))
@@ -352,7 +350,7 @@ class Trainer:
             self.writer.add_histogram("diversity/epoch", torch.cat(diversities).float().cpu(), epoch)
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
-        if bool(bad):
+        if bool(dist.any_rank(bad)):  # a NaN on any rank stops every rank (the others would wait at a collective)
             raise NonFiniteLossError(
                 f"non-finite loss in epoch {epoch} near step {self.step_in_epoch}; stopped without saving. "
                 f"The last good checkpoint is {self.out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
@@ -408,10 +406,13 @@ class Trainer:
         for epoch in bar:
             self.epoch = epoch
             if self.pgc_active(epoch) and (self.labels is None or self.step_in_epoch == 0):
-                self.update_clusters(epoch)
-            self.train_epoch(epoch)
-            rsum = self.validate(epoch) if (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or \
-                epoch + 1 == epochs else -1.0
+                with tf32(False):  # assignments among near ties in IEEE float32, never TF32
+                    self.update_clusters(epoch)
+            with tf32(self.cfg["train"]["tf32"]):
+                self.train_epoch(epoch)
+            with tf32(False):  # ranking as evaluate.py ranks
+                due = (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or epoch + 1 == epochs
+                rsum = self.validate(epoch) if due else -1.0
             if rsum > self.best_rsum:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
