@@ -421,7 +421,8 @@ class Trainer:
             self.save_last()
             dist.barrier()
         bar.close()
-        result = self.test() if dist.is_main() else None
+        with tf32(False):
+            result = self.test() if dist.is_main() else None
         dist.barrier()
         return result
 
