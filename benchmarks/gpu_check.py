@@ -51,7 +51,9 @@ FULL = {"demo": {}, "demo_steps": 0, "save_every": 10, "sync_steps": 6, "step_ba
         "bert": (768, 12, 12)}
 DRY = {"demo": {"train_images": 40, "dev_images": 10, "test_images": 10}, "demo_steps": 3, "save_every": 2,
        "sync_steps": 2, "step_batch": 8, "step_steps": 1, "text": "minilm", "kmeans": [(2_000, 50), (4_000, 50)],
-       "eval_images": 20, "bert": (32, 2, 2)}
+       "eval_images": 20, "bert": (32, 2, 2),
+       "step_overrides": ["model.embed_dim=32", "cluster.k=5", "model.momentum.queue_size=16",
+                          "model.concept.gcn_hidden=16"]}
 TRAINERS: dict = {}  # the resumed demo Trainer, handed from the resume stage to the sync stage
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
 
@@ -101,6 +103,8 @@ def stage_resume(work: Path, device: str, plan: dict) -> dict:
     trainer = Trainer(cfg, work / "resumed", resume="auto", progress=False)
     resumed = trainer.fit()
     TRAINERS["demo"] = trainer  # the sync stage steps it further
+    torch.use_deterministic_algorithms(False)  # train.deterministic is global: the timings below run without it
+    torch.backends.cudnn.deterministic = False
     keys = [(d, m) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10")]
     diff = max(abs(whole[d][m] - resumed[d][m]) for d, m in keys)
     return {"stopped_at": at, "rsum_uninterrupted": whole["rsum"], "rsum_resumed": resumed["rsum"],
@@ -161,7 +165,7 @@ def stage_train_step(work: Path, device: str, plan: dict) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             row = step_bench.bench(method, plan["text"], torch.device(device), plan["step_steps"],
-                                   plan["step_batch"], root, [amp_override(on)])
+                                   plan["step_batch"], root, [amp_override(on), *plan.get("step_overrides", [])])
             row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else None
             rows.append(row)
         out[name] = rows
