@@ -31,11 +31,13 @@ from torch.utils.data import DataLoader
 
 from coder.config import load_config
 from coder.data import PrecompDataset, collate
+from coder.data.workers import resolve_num_workers
 from coder.demo import generate_demo_data
 from coder.engine import amp_dtype, build_optimizer
 from coder.losses.objective import build_objective
 from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
+from coder.precision import tf32
 from coder.step import ContrastiveStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0) 
         return out
 
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, collate_fn=collate_with_clip,
-                      num_workers=data["num_workers"], generator=torch.Generator().manual_seed(seed))
+                      num_workers=resolve_num_workers(data["num_workers"], "cpu"),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def random_concepts(g: int = 400, d: int = 300, seed: int = 0) -> dict:
@@ -158,10 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "train_step.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    rows = run(args.methods, args.text, device, args.steps, args.batch, args.root, args.set)
+    with tf32(device.type == "cuda"):  # fp32 rows: TF32 matmuls (train.tf32: true)
+        rows = run(args.methods, args.text, device, args.steps, args.batch, args.root, args.set)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"training step, batch {args.batch}, 36x2048 regions, text {args.text}, {machine}, torch {torch.__version__}"

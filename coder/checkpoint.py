@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import distributed as dist
 from .errors import CoderError
 
 FORMAT_VERSION = 1
@@ -63,33 +65,76 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def rng_state() -> dict:
+def _local_rng_state() -> dict:
+    """This process's generators; "cuda" is the state of its own device (None without CUDA)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "python": list(random.getstate()[1]),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def rng_state() -> dict:
+    """Every rank's generators, gathered in rank order (a collective: all ranks call it; rank 0 saves them)."""
+    return {"world": dist.world_size(), "ranks": dist.gather_objects(_local_rng_state())}
+
+
+def _to_cpu(value):
+    """Every tensor in a nested dict/list on the CPU: RNG states must be CPU byte tensors and numpy needs a
+    CPU tensor, whatever map_location the checkpoint was loaded with."""
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _set_local_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["gauss"]))
     random.setstate((3, tuple(state["python"]), None))
 
 
-def training_state(cfg: dict, model, objective, optimizer, scaler, progress: dict, kmeans: dict) -> dict:
+def _legacy_ranks(state: dict) -> list[dict]:
+    """A checkpoint from before per-rank states: rank 0's generators, "cuda" its view of every visible GPU."""
+    cuda = state["cuda"]
+    device = torch.cuda.current_device() if cuda and torch.cuda.is_available() else 0
+    return [{**state, "cuda": cuda[device] if device < len(cuda) else None}]
+
+
+def set_rng_state(state: dict, seed: int = 0) -> None:
+    """Restore this rank's generators from `rng_state()`'s dict (loaded to any device). With another number of
+    processes than the run saved, no rank can continue its own stream: each starts a fresh one from `seed`
+    and its rank (the resumed run is then no longer bitwise the uninterrupted one), with a warning."""
+    state = _to_cpu(state)
+    ranks = state["ranks"] if "ranks" in state else _legacy_ranks(state)
+    rank, world = dist.rank(), dist.world_size()
+    if len(ranks) == world:
+        _set_local_rng_state(ranks[rank])
+        return
+    if rank == 0:
+        warnings.warn(f"the checkpoint holds random states of {len(ranks)} process(es) but this run has {world}: "
+                      f"every rank starts fresh random streams (dropout differs from an uninterrupted run)",
+                      RuntimeWarning, stacklevel=2)
+    dist.seed_streams(seed + 1_000_003 * rank + 7919 * len(ranks))
+
+
+def training_state(cfg: dict, model, objective, optimizer, scaler, progress: dict, kmeans: dict, rng: dict) -> dict:
     """checkpoint_last.pth: everything a killed run needs to continue exactly (README: Resume). `progress`
-    holds the counters (epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta)."""
+    holds the counters (epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta); `rng` is
+    `rng_state()`, every rank's generators (a collective: every rank calls it)."""
     return {"format": "coder", "version": FORMAT_VERSION, "config": cfg, "model": model.state_dict(),
             "objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            **progress, "rng": rng_state(), "kmeans": kmeans}
+            **progress, "rng": rng, "kmeans": kmeans}
 
 
 def best_model_state(cfg: dict, model, objective, epoch: int, best_rsum: float, beta: float) -> dict:
@@ -116,7 +161,7 @@ def restore_training(path: str | Path, cfg: dict, model, objective, optimizer, s
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ckpt["rng"].items()})
+    set_rng_state(ckpt["rng"], seed=cfg["train"]["seed"] + ckpt["global_step"])
     progress = {key: ckpt[key] for key in PROGRESS_KEYS if key in ckpt}
     return {**progress, "kmeans": ckpt["kmeans"]}
 

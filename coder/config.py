@@ -36,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # VSE-infinity's training augmentations
         "region_dropout": 0.2,
         "word_corruption": 0.2,
-        "num_workers": 0,
+        # DataLoader workers: an int >= 0, or auto = 0 on the CPU, on CUDA the CPUs of this process but one (<= 8)
+        "num_workers": "auto",
         "prepare": "",  # "demo": train.py writes the embedded demo data into data.root on first use
         "clip_features": False,  # load S_clip.npy (USER's CGE), model.user.clip_dim wide
     },
@@ -130,6 +131,11 @@ DEFAULTS: dict[str, Any] = {
         # mixed precision of the encoders (the losses always run in float32): auto = bf16 on GPUs with native
         # bf16 (Ampere and later), fp16 with a gradient scaler on older ones, off on the CPU
         "amp": "auto",
+        # TF32 for float32 matmuls in the training step on CUDA (Ampere+). Off: the paper trained in fp32, and the
+        # losses are computed in float32 from similarities that TF32 would round to ~3 digits; k-means
+        # assignment and ranking never use it (coder/precision.py)
+        "tf32": False,
+        # bitwise-repeatable CUDA kernels: deterministic algorithms, cuDNN without autotuning, cuBLAS's workspace
         "deterministic": False,
         "log_every": 10,
         "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
@@ -156,6 +162,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _ANY_WHEN_NONE = (str, int, float, type(None))
+_INT_OR_AUTO = ("data.num_workers",)  # an int, or the string "auto"
 
 
 def merge(base: dict, override: dict, prefix: str = "") -> None:
@@ -169,6 +176,8 @@ def merge(base: dict, override: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
             merge(default, value, prefix=f"{path}.")
+        elif path in _INT_OR_AUTO and (value == "auto" or (isinstance(value, int) and not isinstance(value, bool))):
+            base[key] = value
         else:
             value = LEGACY_VALUES.get(path, {}).get(value, value) if isinstance(value, bool) else value
             base[key] = _check_type(path, default, value)
@@ -425,7 +434,8 @@ def validate(cfg: dict) -> None:
         if get(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {allowed}, got {get(cfg, key)!r}")
     for key, allowed in _RANGES.items():
-        check_range(key, get(cfg, key), allowed)
+        if not (key in _INT_OR_AUTO and get(cfg, key) == "auto"):
+            check_range(key, get(cfg, key), allowed)
     check_loss_keys(cfg)
     data = cfg["data"]
     if data["val_max_captions"] % data["captions_per_image"]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +30,10 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -50,6 +56,51 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """True on every rank when `flag` is true on any rank (an all-reduce MAX), so that a failure seen by one
+    rank stops them all instead of leaving the others waiting at the next collective until the timeout."""
+    if not is_distributed():
+        return flag
+    value = flag.to(torch.int32).reshape(1).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value[0].bool()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's (picklable) `obj` in rank order, on every rank; `[obj]` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def offset_seeds(seed: int, rank_: int) -> None:
+    """Per-rank random streams (dropout) after the model is built from the common seed: rank 0 keeps its
+    stream, rank r > 0 is reseeded, so ranks draw different dropout masks on their different data while the
+    parameters started identical (DDP also broadcasts rank 0's parameters and buffers when it wraps the model).
+    Augmentation needs no offset: its generator is a function of (seed, epoch, caption index)."""
+    if rank_ > 0:
+        seed_streams(seed + 1_000_003 * rank_)
+
+
+def seed_streams(seed: int) -> None:
+    """Python's, numpy's and torch's (CPU and every CUDA device) generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, find_unused: bool) -> torch.nn.Module:
+    """DistributedDataParallel without re-broadcasting buffers each step: the queues, their ids and the concept
+    graph are kept identical on every rank by construction (enqueue gathers every rank's keys; X and A_hat are
+    fixed), so a per-step broadcast of two 4,096 x 1,024 queues would be pure traffic. Parameters and buffers
+    are still broadcast from rank 0 once, at construction."""
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused, broadcast_buffers=False)
 
 
 def all_gather_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -23,18 +23,21 @@ from .checkpoint import (
     best_model_state,
     load_checkpoint,
     restore_training,
+    rng_state,
     training_state,
 )
 from .clustering import cluster_training_pairs
 from .config import ConfigError, dump
 from .data import PrecompDataset, collate
 from .data.checks import check_against_data
+from .data.workers import loader_options
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
 from .losses.objective import build_objective
 from .models.model import build_model
 from .models.text import load_text_backbone
+from .precision import set_deterministic, tf32
 from .step import ContrastiveStep
 
 
@@ -56,8 +59,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        set_deterministic()
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -131,7 +133,7 @@ def training_split(cfg: dict, tokenizer, train: bool) -> PrecompDataset:
         clip_dim=cfg["model"]["user"]["clip_dim"], seed=cfg["train"]["seed"])
 
 
-def training_data(cfg: dict, tokenizer, world: int, rank: int, pin_memory: bool):
+def training_data(cfg: dict, tokenizer, world: int, rank: int, device_type: str):
     """(dataset, sampler, loader, the loader's generator) of the training split for this process."""
     data, batch = cfg["data"], cfg["train"]["batch_size"]
     dataset = training_split(cfg, tokenizer, train=data["augment"])
@@ -142,8 +144,7 @@ def training_data(cfg: dict, tokenizer, world: int, rank: int, pin_memory: bool)
     # mid-epoch (which starts one more iterator after restoring that RNG) would drift from an uninterrupted one.
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, collate_fn=collate,
-                        num_workers=data["num_workers"], pin_memory=pin_memory, persistent_workers=False,
-                        generator=generator)
+                        generator=generator, **loader_options(data["num_workers"], device_type))
     return dataset, sampler, loader, generator
 
 
@@ -166,8 +167,7 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
         return step
     if device.type == "cuda" and sync_batchnorm:
         step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
-    return nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=step.objective.prototypes is not None)
+    return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -180,14 +180,13 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         seed_everything(tcfg["seed"], tcfg["deterministic"])
         dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
 
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
         self.objective = build_objective(cfg).to(self.device)
+        dist.offset_seeds(tcfg["seed"], self.rank)  # parameters identical on every rank, dropout streams not
         self.step_module = data_parallel(ContrastiveStep(self.model, self.objective, tcfg["gather_batch"]),
                                          self.device, self.world, tcfg["sync_batchnorm"])
         self.optimizer = build_optimizer(self.step_module, tcfg, self.model.text_encoder.backbone)
@@ -195,7 +194,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.train_set, self.sampler, self.train_loader, self.loader_generator = training_data(
-            cfg, self.tokenizer, self.world, self.rank, pin_memory=self.device.type == "cuda")
+            cfg, self.tokenizer, self.world, self.rank, self.device.type)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
@@ -218,10 +217,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_last(self) -> None:
+        rng = rng_state()  # every rank's generators: a collective, so every rank calls save_last
         if dist.is_main():
             progress = {key: getattr(self, key) for key in PROGRESS_KEYS}
             atomic_save(training_state(self.cfg, self.model, self.objective, self.optimizer, self.scaler, progress,
-                                       {"centroids": self.centroids, "labels": self.labels}),
+                                       {"centroids": self.centroids, "labels": self.labels}, rng),
                         self.out_dir / "checkpoint_last.pth")
 
     def save_best(self) -> None:
@@ -302,7 +302,7 @@ class Trainer:
         self.log.diversity_histogram(diversities, epoch)
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
-        if bool(bad):
+        if bool(dist.any_rank(bad)):  # a NaN on any rank stops every rank (the others would wait at a collective)
             raise NonFiniteLossError(
                 f"non-finite loss in epoch {epoch} near step {self.step_in_epoch}; stopped without saving. "
                 f"The last good checkpoint is {self.out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
@@ -342,10 +342,13 @@ class Trainer:
         for epoch in bar:
             self.epoch = epoch
             if self.objective.needs_labels(epoch) and (self.labels is None or self.step_in_epoch == 0):
-                self.update_clusters(epoch)
-            self.train_epoch(epoch)
-            rsum = self.validate(epoch) if (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or \
-                epoch + 1 == epochs else -1.0
+                with tf32(False):  # assignments among near ties in IEEE float32, never TF32
+                    self.update_clusters(epoch)
+            with tf32(self.cfg["train"]["tf32"]):
+                self.train_epoch(epoch)
+            with tf32(False):  # ranking as evaluate.py ranks
+                due = (epoch + 1) % self.cfg["train"]["eval_every"] == 0 or epoch + 1 == epochs
+                rsum = self.validate(epoch) if due else -1.0
             if rsum > self.best_rsum:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
@@ -354,7 +357,8 @@ class Trainer:
             self.save_last()
             dist.barrier()
         bar.close()
-        result = self.test() if dist.is_main() else None
+        with tf32(False):
+            result = self.test() if dist.is_main() else None
         dist.barrier()
         return result
 

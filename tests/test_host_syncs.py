@@ -104,7 +104,8 @@ def coder_trainer(tiny_coder_data, tiny_bert_dir, tmp_path_factory):
                "cluster.k=7", "data.region_dropout=0.2")
     trainer = Trainer(cfg, tmp_path_factory.mktemp("coder_syncs"), progress=False)
     trainer.update_clusters(1)  # PGC on: the step reads k-means labels
-    assert trainer.pgc_active(1) and trainer.model.momentum is not None and trainer.model.concept is not None
+    assert trainer.objective.needs_labels(1)
+    assert trainer.model.momentum is not None and trainer.model.concept is not None
     return trainer
 
 

@@ -95,6 +95,13 @@ def packable(bert: nn.Module) -> bool:
             and not getattr(config, "add_cross_attention", False) and not config.chunk_size_feed_forward)
 
 
+def attention_scale(attention: nn.Module) -> float:
+    """BERT's 1/sqrt(head size): `scaling` where transformers has it (5.x), computed from the head size in
+    older releases whose BertSelfAttention lacks it."""
+    scaling = getattr(attention, "scaling", None)
+    return scaling if scaling is not None else attention.attention_head_size ** -0.5
+
+
 def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor | Lengths) -> Tensor:
     """BertModel's last hidden states (B, T, H) with every layer applied to real tokens only (zeros at padding).
 
@@ -123,7 +130,7 @@ def packed_bert(bert: nn.Module, input_ids: Tensor, lengths: Tensor | Lengths) -
         context = nn.functional.scaled_dot_product_attention(
             spread(attention.query(x)), spread(attention.key(x)), spread(attention.value(x)),
             attn_mask=mask[:, None, None, :], dropout_p=attention.dropout.p if attention.training else 0.0,
-            scale=attention.scaling)
+            scale=attention_scale(attention))
         context = context.transpose(1, 2).reshape(batch * width, -1).index_select(0, real)
         x = layer.attention.output(context, x)  # dense, dropout, LayerNorm(. + x)
         x = layer.output(layer.intermediate(x), x)  # feed-forward, dropout, LayerNorm(. + x)

