@@ -104,3 +104,28 @@ def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path)
     differences = [-1.0, 3.0]
     assert cells["fused − instance"] == f"{statistics.mean(differences):.1f} ± {statistics.stdev(differences):.1f}"
     assert f"{other_start}\nkeep\n{other_end}" in readme.read_text()
+
+
+def test_readme_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
+    """--table-only with runs missing on disk refuses to erase the published block; --force replaces it."""
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        folder = out / "full" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        recalls = {"r1": 1.0}
+        (folder / "eval_test.json").write_text(json.dumps({"rsum": 400.0 + seed, "i2t": recalls, "t2i": recalls}))
+    spec = tmp_path / "guarded.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [{"name": "full", "config": "configs/demo.yaml"}]}))
+    start, end = study.markers("guarded")
+    readme = tmp_path / "README.md"
+    published = ("| run | seeds | dev R@sum |\n|---|---:|---:|\n| full | 3 | 401.0 ± 1.0 |\n"
+                 "| other | 2 | 400.0 ± 0.0 |")
+    readme.write_text(f"{start}\n{published}\n{end}\n")
+    argv = [str(spec), "--out", str(out), "--readme", str(readme), "--table-only"]
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 5 finished runs but only 2 were found" in err, err
+    assert published in readme.read_text()  # untouched
+    assert study.main(argv + ["--force"]) == 0
+    assert "| full | 2 |" in readme.read_text() and published not in readme.read_text()
+    assert study.main(argv) == 0  # as many runs as the block now holds: replaced again
