@@ -93,6 +93,14 @@ def result_name(split: str, checkpoint: str | Path) -> str:
     return f"eval_{split}.json" if stem == "model_best" else f"eval_{split}_{stem}.json"
 
 
+def training_record(ckpt: dict) -> dict:
+    """What train.py records in eval_<split>.json beside the metrics (best_epoch, best_dev_rsum), read from a
+    model_best.pth (its epoch is the best one), so that rescoring it never drops training's record."""
+    if "optimizer" in ckpt or "best_rsum" not in ckpt:  # checkpoint_last.pth: not the selected model
+        return {}
+    return {"best_epoch": ckpt["epoch"], "best_dev_rsum": ckpt["best_rsum"]}
+
+
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -136,6 +144,7 @@ def evaluate_main(argv=None) -> int:
                                 fold5=True if args.fold5 else None, eccv=args.eccv, beta=beta)
         result["checkpoint"] = {"path": str(Path(args.checkpoint).resolve()), "epoch": ckpt.get("epoch"),
                                 "config_sha256": config_hash(cfg)}
+        result.update(training_record(ckpt))
         out_dir = Path(args.output) if args.output else Path(args.checkpoint).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / result_name(split, args.checkpoint), result)

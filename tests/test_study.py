@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import evaluate
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import study  # noqa: E402
 
@@ -50,6 +52,20 @@ def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp
     stamp = (out / "dcl" / "seed1" / "eval_test.json").stat().st_mtime_ns
     assert study.main([str(spec), "--out", str(out)]) == 0
     assert (out / "dcl" / "seed1" / "eval_test.json").stat().st_mtime_ns == stamp
+
+    # rescoring a run with evaluate.py keeps training's record, so the dev column still counts both seeds
+    folder = out / "triplet" / "seed1"
+    assert evaluate.main(["--checkpoint", str(folder / "model_best.pth"), "--device", "cpu", "--no-progress"]) == 0
+    rescored = json.loads((folder / "eval_test.json").read_text())
+    trained = results["triplet"][1]
+    assert (rescored["best_epoch"], rescored["best_dev_rsum"]) == (trained["best_epoch"], trained["best_dev_rsum"])
+    capsys.readouterr()
+    assert study.main([str(spec), "--out", str(out), "--table-only"]) == 0
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    row = next(r for r in rows if r.startswith("| triplet baseline |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    devs = [r["best_dev_rsum"] for r in results["triplet"]]
+    assert cells["dev R@sum"] == f"{statistics.mean(devs):.1f} ± {statistics.stdev(devs):.1f}"
 
 
 def test_study_file_errors_name_the_entry(tmp_path):
