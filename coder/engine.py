@@ -30,11 +30,13 @@ from .checkpoint import (
 from .clustering import pair_features, spherical_kmeans
 from .config import ConfigError, dump, from_dict
 from .data import PrecompDataset, collate
+from .data.precomp import require_split
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .losses.objective import Bank, Objective
 from .models.model import build_model
 from .models.text import load_text_backbone
+from .runlog import RunLog, progress_bars
 
 
 class NonFiniteLossError(CoderError, RuntimeError):
@@ -134,7 +136,7 @@ class TrainStep(nn.Module):
 # -------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: dict, output_dir: str | Path, resume: str | None = None, progress: bool = True):
-        self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress
+        self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress_bars(progress)
         tcfg = cfg["train"]
         self.device = resolve_device(tcfg["device"])
         self.rank, self.world, local_rank = dist.init_distributed(self.device.type, tcfg["dist_timeout_minutes"])
@@ -145,6 +147,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(tcfg["seed"], tcfg["deterministic"])
         dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
+        require_split(cfg["data"]["root"], cfg["data"]["train_split"])  # the data before what is derived from it
 
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
@@ -165,13 +168,16 @@ class Trainer:
         self.centroids: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.writer = None
+        self.runlog = RunLog(self.out_dir, enabled=dist.is_main())
         if resume:
             self._resume(resume)
         if dist.is_main():  # after the resume check: a refused resume leaves the run folder as it was
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump(cfg))
-            # purge_step: events a killed run logged after its last checkpoint are dropped, not shown twice
-            self.writer = SummaryWriter(str(self.out_dir), purge_step=self.global_step or None)
+            # purge from the first step not in the checkpoint (steps are logged after their increment, so step
+            # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
+            purge = self.global_step + 1 if self.global_step else None
+            self.writer = SummaryWriter(str(self.out_dir), purge_step=purge)
             if self.global_step == 0:
                 self.writer.add_text("config", "```yaml\n" + dump(cfg) + "```", 0)  # the resolved hyper-parameters
 
@@ -362,6 +368,7 @@ class Trainer:
         if self.writer is None:
             return
         step, w = self.global_step, self.writer
+        self.runlog.add(loss, terms)
         w.add_scalar("loss/total", loss.item(), step)
         for name, value in terms.items():
             w.add_scalar(f"loss/{name}", value.item(), step)
@@ -416,11 +423,14 @@ class Trainer:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
             bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
+            self.runlog.epoch(epoch, epochs, rsum, self.best_rsum, self.best_epoch)
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self.save_last()
             dist.barrier()
         bar.close()
         result = self.test() if dist.is_main() else None
+        if dist.is_main() and not self.cfg["train"]["keep_last_checkpoint"]:
+            (self.out_dir / "checkpoint_last.pth").unlink(missing_ok=True)  # finished: model_best.pth holds the result
         dist.barrier()
         return result
 
