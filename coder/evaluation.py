@@ -339,6 +339,9 @@ def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bo
     elif fold5 and len(images) != 5000:
         raise EvaluationError(f"--fold5 is COCO's protocol (five 1K folds of the 5,000 testall images); split "
                               f"'{split}' of {cfg['data']['root']} has {len(images)} images")
+    if eccv:
+        from .eccv import require_coco_5k  # imported here: coder.eccv imports this module
+        require_coco_5k(len(images), len(captions), cfg["data"]["captions_per_image"])  # before encoding
     result = evaluate_model(model, images, captions, device, beta=ecfg["beta"] if beta is None else beta, fold5=fold5,
                             captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
                             chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],
