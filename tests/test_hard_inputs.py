@@ -163,6 +163,9 @@ def test_text_encoder_missing(capsys, config, tmp_path):
     err = train_fails(capsys, config, tmp_path, f"model.text_encoder={tmp_path / 'no_bert'}")
     assert_message("Text encoder / tokenizer folder missing", err)
     assert str(tmp_path / "no_bert") in err and len(err.strip().splitlines()) == 1, err
+    # a name that is no folder is looked up in the Hugging Face cache, whose message spans lines: still one line
+    err = train_fails(capsys, config, tmp_path, "model.text_encoder=no-such-bert-model")
+    assert err.startswith("error: text encoder not found") and len(err.strip().splitlines()) == 1, err
 
 
 def test_missing_data_is_reported_before_what_is_derived_from_it(capsys, tmp_path):
