@@ -20,6 +20,7 @@ from .errors import CoderError
 FORMAT_VERSION = 1
 # keys that may change between a run and its resume without changing what is computed
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "train.save_every",
+                     "train.keep_last_checkpoint",
                      "train.dist_timeout_minutes", "data.num_workers", "data.root", "eval.batch_size",
                      "eval.chunk_size", "name")
 

@@ -130,6 +130,14 @@ def result_name(split: str, checkpoint: str | Path) -> str:
     return f"eval_{split}.json" if stem == "model_best" else f"eval_{split}_{stem}.json"
 
 
+def training_record(ckpt: dict) -> dict:
+    """What train.py records in eval_<split>.json beside the metrics (best_epoch, best_dev_rsum), read from a
+    model_best.pth (its epoch is the best one), so that rescoring it never drops training's record."""
+    if "optimizer" in ckpt or "best_rsum" not in ckpt:  # checkpoint_last.pth: not the selected model
+        return {}
+    return {"best_epoch": ckpt["epoch"], "best_dev_rsum": ckpt["best_rsum"]}
+
+
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -256,6 +264,7 @@ def evaluate_main(argv=None) -> int:
                                     fold5=True if args.fold5 else None, eccv=args.eccv, beta=first.beta,
                                     emb=members[0][0] if members else None)
             result["checkpoint"] = checkpoint_info(first)
+            result.update(training_record(first.ckpt))  # model_best's epoch and dev R@sum stay in the record
         if args.compare:
             result["compare"] = compare_result(args, first, members, split, device)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,7 @@ DEFAULTS: dict[str, Any] = {
         "deterministic": False,
         "log_every": 10,
         "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
+        "keep_last_checkpoint": True,  # false: delete checkpoint_last.pth (twice model_best's size) once finished
         "eval_every": 1,  # epochs between dev evaluations
         "max_steps_per_epoch": 0,  # 0 = full epoch (small values for smoke tests)
         "device": "auto",  # auto | cpu | cuda

@@ -89,13 +89,17 @@ def needed_k() -> tuple[int, int]:
     return max(10, max(map(len, i2t.values()))), max(10, max(map(len, t2i.values())))
 
 
+def require_coco_5k(n_images: int, n_captions: int, captions_per_image: int = 5) -> None:
+    """ECCV Caption's annotations cover COCO testall alone: refuse any other split (before encoding it)."""
+    if n_captions != COCO_TEST_CAPTIONS or n_images * captions_per_image != n_captions:
+        raise EccvSplitError(f"ECCV Caption metrics need COCO's 5K test split (testall: 5,000 images, 25,000 "
+                             f"captions in the Karpathy order), got {n_images} images and {n_captions} captions")
+
+
 def eccv_metrics(emb: dict[str, Tensor], beta: float = 0.9, captions_per_image: int = 5,
                  chunk_size: int = 1000) -> dict:
     """ECCV Caption and CxC metrics of COCO testall embeddings (5,000 images, 25,000 captions in order)."""
-    n_captions = emb["w_i"].size(0)
-    if n_captions != COCO_TEST_CAPTIONS or emb["v_i"].size(0) * captions_per_image != n_captions:
-        raise EccvSplitError(f"ECCV Caption metrics need COCO's 5K test split (testall: 5,000 images, 25,000 "
-                         f"captions in the Karpathy order), got {emb['v_i'].size(0)} images and {n_captions} captions")
+    require_coco_5k(emb["v_i"].size(0), emb["w_i"].size(0), captions_per_image)
     if "v_c" not in emb:
         beta = 1.0
     image_ids, caption_ids = coco_test_ids(captions_per_image)

@@ -30,6 +30,7 @@ from .clustering import cluster_training_pairs
 from .config import ConfigError, dump
 from .data import PrecompDataset, collate
 from .data.checks import check_against_data
+from .data.precomp import require_split
 from .data.workers import loader_options
 from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
@@ -38,6 +39,7 @@ from .losses.objective import build_objective
 from .models.model import build_model
 from .models.text import load_text_backbone
 from .precision import set_deterministic, tf32
+from .runlog import progress_bars
 from .step import ContrastiveStep
 
 
@@ -170,10 +172,25 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
     return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
+def test_best_model(model, cfg: dict, tokenizer, out_dir: Path, device, progress: bool, log: TrainLogger,
+                    best_epoch: int, best_rsum: float) -> dict:
+    """model_best.pth on the test split (its dev-chosen beta), written to eval_<split>.json with the epoch and
+    dev R@sum it was chosen by, logged and printed."""
+    best = load_checkpoint(out_dir / "model_best.pth", map_location=device)
+    model.load_state_dict(best["model"])
+    split = cfg["data"]["test_split"]
+    result = evaluate_split(model, cfg, tokenizer, split, device, progress, beta=best.get("beta"))
+    result["best_epoch"], result["best_dev_rsum"] = best_epoch, best_rsum
+    write_json(out_dir / f"eval_{split}.json", result)
+    log.recalls("test", result, best_epoch)
+    print(f"\n{cfg['name']}: {split} ({cfg['data']['dataset']}), best epoch {best_epoch}\n" + format_table(result))
+    return result
+
+
 # -------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: dict, output_dir: str | Path, resume: str | None = None, progress: bool = True):
-        self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress
+        self.cfg, self.out_dir, self.progress = cfg, Path(output_dir), progress_bars(progress)
         tcfg = cfg["train"]
         self.device = resolve_device(tcfg["device"])
         self.rank, self.world, local_rank = dist.init_distributed(self.device.type, tcfg["dist_timeout_minutes"])
@@ -182,6 +199,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         seed_everything(tcfg["seed"], tcfg["deterministic"])
         dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
+        require_split(cfg["data"]["root"], cfg["data"]["train_split"])  # the data before what is derived from it
 
         bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
         self.model = build_model(cfg, bert).to(self.device)
@@ -199,15 +217,16 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
         self.best_beta = self.val_beta = cfg["eval"]["beta"]  # the fusion weight (§3.5) of the best model
-        self.centroids: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
+        self.centroids = self.labels = None  # k-means state (§3.4): prototypes and the pairs' labels
         if resume:
             self._resume(resume)
         self.log = TrainLogger(None)
         if dist.is_main():  # after the resume check: a refused resume leaves the run folder as it was
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump(cfg))
-            self.log = TrainLogger(self.out_dir, purge_step=self.global_step or None,
+            # purge from the first step not in the checkpoint (steps are logged after their increment, so step
+            # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
+            self.log = TrainLogger(self.out_dir, purge_step=self.global_step + 1 if self.global_step else None,
                                    config_text=dump(cfg) if self.global_step == 0 else None)
 
     def steps_per_epoch(self) -> int:
@@ -353,25 +372,19 @@ class Trainer:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
             bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
+            self.log.epoch_line(epoch, epochs, rsum, self.best_rsum, self.best_epoch)
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self.save_last()
             dist.barrier()
         bar.close()
         with tf32(False):
             result = self.test() if dist.is_main() else None
+        if dist.is_main() and not self.cfg["train"]["keep_last_checkpoint"]:
+            (self.out_dir / "checkpoint_last.pth").unlink(missing_ok=True)  # finished: model_best.pth holds the result
         dist.barrier()
         return result
 
     def test(self) -> dict:
         """Evaluate model_best on the test split with the dataset's protocol; write eval_<split>.json."""
-        best = load_checkpoint(self.out_dir / "model_best.pth", map_location=self.device)
-        self.model.load_state_dict(best["model"])
-        split = self.cfg["data"]["test_split"]
-        result = evaluate_split(self.model, self.cfg, self.tokenizer, split, self.device, self.progress,
-                                beta=best.get("beta"))
-        result["best_epoch"], result["best_dev_rsum"] = self.best_epoch, self.best_rsum
-        write_json(self.out_dir / f"eval_{split}.json", result)
-        self.log.recalls("test", result, self.best_epoch)
-        print(f"\n{self.cfg['name']}: {split} ({self.cfg['data']['dataset']}), best epoch {self.best_epoch}\n"
-              + format_table(result))
-        return result
+        return test_best_model(self.model, self.cfg, self.tokenizer, self.out_dir, self.device, self.progress,
+                               self.log, self.best_epoch, self.best_rsum)

@@ -473,6 +473,9 @@ def evaluate_split(model, cfg: dict, tokenizer, split: str, device, progress: bo
     images, captions = split_datasets(cfg, tokenizer, split)
     ecfg = cfg["eval"]
     fold5 = protocol_fold5(cfg, split, len(images), fold5)
+    if eccv:
+        from .eccv import require_coco_5k  # imported here: coder.eccv imports this module
+        require_coco_5k(len(images), len(captions), cfg["data"]["captions_per_image"])  # before encoding
     result = evaluate_model(model, images, captions, device, beta=ecfg["beta"] if beta is None else beta, fold5=fold5,
                             captions_per_image=cfg["data"]["captions_per_image"], batch_size=ecfg["batch_size"],
                             chunk_size=ecfg["chunk_size"], progress=progress, branches=branches, amp=ecfg["amp"],

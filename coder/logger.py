@@ -1,11 +1,14 @@
-"""TensorBoard logging of a run (README: TensorBoard): losses, learning rates, gradient norms, diversity,
-queue fill, k-means statistics, dev and test R@K. Only the main process writes; elsewhere it is a no-op."""
+"""Logging of a run: TensorBoard (README: TensorBoard: losses, learning rates, gradient norms, diversity,
+queue fill, k-means statistics, dev and test R@K) and one plain line per epoch (coder/runlog.py). Only the
+main process writes; elsewhere it is a no-op."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from .runlog import RunLog
 
 RECALLS = [(d, m) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10")]
 
@@ -14,6 +17,7 @@ class TrainLogger:
     def __init__(self, out_dir: Path | None, purge_step: int | None = None, config_text: str | None = None):
         # purge_step: events a killed run logged after its last checkpoint are dropped, not shown twice
         self.writer = SummaryWriter(str(out_dir), purge_step=purge_step) if out_dir is not None else None
+        self.lines = RunLog(out_dir or ".", enabled=out_dir is not None)
         if self.writer is not None and config_text is not None:
             self.writer.add_text("config", "```yaml\n" + config_text + "```", 0)  # the resolved hyper-parameters
 
@@ -25,6 +29,7 @@ class TrainLogger:
              rate: float, queue_fill: float | None) -> None:
         if self.writer is None:
             return
+        self.lines.add(loss, terms)
         self.scalar("loss/total", loss, step)
         for name, value in terms.items():
             self.scalar(f"loss/{name}", value, step)
@@ -40,6 +45,9 @@ class TrainLogger:
                     self.scalar(f"diversity/{name}_{stat}", getattr(d, stat)(), step)
         if queue_fill is not None:
             self.scalar("queue/fill", queue_fill, step)
+
+    def epoch_line(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int) -> None:
+        self.lines.epoch(epoch, epochs, dev_rsum, best_rsum, best_epoch)
 
     def diversity_histogram(self, values: list[torch.Tensor], epoch: int) -> None:
         if values and self.writer is not None:

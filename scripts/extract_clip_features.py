@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,18 +31,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from coder.errors import CoderError, MissingFileError
+
 CLIP_NAME = "openai/clip-vit-base-patch32"
 
 
-class ClipInputError(ValueError):
+class ClipInputError(CoderError, ValueError):
     """A mapping, id list or image that cannot be used; the message names the file and entry."""
 
 
 def download_hint(model_dir: Path) -> str:
-    return (f"Download {CLIP_NAME} once on a machine with network access and save it locally:\n"
-            f"  python -c \"from transformers import CLIPModel, CLIPImageProcessor as P; "
+    return (f"download {CLIP_NAME} once on a machine with network access and save it locally: "
+            f"python -c \"from transformers import CLIPModel, CLIPImageProcessor as P; "
             f"CLIPModel.from_pretrained('{CLIP_NAME}').save_pretrained('{model_dir}'); "
-            f"P.from_pretrained('{CLIP_NAME}').save_pretrained('{model_dir}')\"\n"
+            f"P.from_pretrained('{CLIP_NAME}').save_pretrained('{model_dir}')\", "
             f"then copy '{model_dir}' here (or pass --model-dir).")
 
 
@@ -49,10 +52,12 @@ def read_mapping(path: str | os.PathLike) -> dict[str, str]:
     """Image id -> relative image path, from a TSV (`id<TAB>path` per line) or a JSON object."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image mapping file not found: {path}")
+        raise MissingFileError(f"image mapping file not found: {path}")
     if path.suffix.lower() == ".json":
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ClipInputError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(data, dict) or not all(isinstance(p, str) for p in data.values()):
             raise ClipInputError(f"{path}: expected a JSON object {{\"image id\": \"relative/path.jpg\"}}")
         return {str(k): p for k, p in data.items()}
@@ -77,7 +82,7 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     """One image id per line of `S_ids.txt` (row order of the split)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image id list not found: {path}")
+        raise MissingFileError(f"image id list not found: {path}")
     ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     for line_no, image_id in enumerate(ids, start=1):
         if not image_id:
@@ -98,7 +103,7 @@ def resolve_image_paths(ids: list[str], mapping: dict[str, str], image_root: str
             raise ClipInputError(f"{ids_path}:{line_no}: image id {image_id!r} is missing from {mapping_path}")
         path = root / mapping[image_id]
         if not path.is_file():
-            raise FileNotFoundError(f"image file for id {image_id!r} ({ids_path}:{line_no}) not found: {path}")
+            raise MissingFileError(f"image file for id {image_id!r} ({ids_path}:{line_no}) not found: {path}")
         paths.append(path)
     return paths
 
@@ -118,11 +123,11 @@ def load_clip(model_dir: str | os.PathLike, device: str | torch.device = "cpu"):
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no CLIP model found at {model_dir} (expected {model_dir / 'config.json'}).\n"
+        raise MissingFileError(f"no CLIP model found at {model_dir} (expected {model_dir / 'config.json'}); "
                                 + download_hint(model_dir))
     if not (model_dir / "preprocessor_config.json").is_file():
-        raise FileNotFoundError(f"no CLIP image processor at {model_dir} "
-                                f"(expected {model_dir / 'preprocessor_config.json'}).\n" + download_hint(model_dir))
+        raise MissingFileError(f"no CLIP image processor at {model_dir} "
+                                f"(expected {model_dir / 'preprocessor_config.json'}); " + download_hint(model_dir))
     model = CLIPModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
     return model, processor
@@ -212,7 +217,17 @@ def extract_clip_features(model_dir: str | os.PathLike, ids_path: str | os.PathL
     return extract_split(model, processor, ids_path, mapping_path, image_root, output_path, batch_size, num_workers)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: a problem with the inputs is one `error: ...` line and exit status 2."""
+    try:
+        run(argv)
+    except CoderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="models/clip-vit-base-patch32",
                         help=f"local directory holding {CLIP_NAME} (save_pretrained of model and processor)")
@@ -242,4 +257,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

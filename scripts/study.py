@@ -18,7 +18,8 @@ Runs are sequential (timings stay honest on a small machine) and skipped when th
 already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
 that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --readme it
 replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the
-study file's name without .yaml), so one README can hold several studies.
+study file's name without .yaml), so one README can hold several studies. It refuses to replace a block
+with a table of fewer finished runs than the block holds (runs missing on disk), unless --force.
 
 With `reference`, each other entry also gets the paired difference of test R@sum against the reference run of
 the same seed (same data order): its mean with a 95% Student t interval over the seed pairs, the number of
@@ -175,6 +176,29 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def finished_runs(block: str) -> int:
+    """The finished runs a study table counts: the sum of its 'seeds' column (0 for a block without one)."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in block.splitlines() if line.strip().startswith("|")]
+    if not rows or "seeds" not in rows[0]:
+        return 0
+    column = rows[0].index("seeds")
+    return sum(int(row[column]) for row in rows[2:] if len(row) > column and row[column].isdigit())
+
+
+def write_readme(readme: Path, name: str, block: str, force: bool) -> None:
+    """Replace study `name`'s README block by `block`, refusing (unless forced) to publish fewer finished runs
+    than the block holds: a --table-only with runs missing on disk must not erase the published table."""
+    start, end = markers(name)
+    text = readme.read_text()
+    held = finished_runs(text.split(start, 1)[1].split(end, 1)[0]) if start in text and end in text else 0
+    found = finished_runs(block)
+    if found < held and not force:
+        raise StudyError(f"{readme}: the study:{name} block holds {held} finished runs but only {found} were "
+                         f"found; not replaced (--force replaces it anyway)")
+    readme.write_text(replace_block(text, block, readme, start, end))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path, help="study YAML (see studies/)")
@@ -184,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", help="the split whose eval json is tabulated")
     parser.add_argument("--readme", type=Path, help="file whose study block is replaced by the table")
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate what exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the README block even with fewer finished runs than it holds")
     parser.add_argument("--log", type=Path, help="append the runs' output here (default: inherit)")
     args = parser.parse_args(argv)
     try:
@@ -200,8 +226,7 @@ def main(argv=None) -> int:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
         if args.readme:
-            start, end = markers(args.study.stem)
-            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme, start, end))
+            write_readme(args.readme, args.study.stem, block, args.force)
     except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the README has no block
         print(f"error: {err}", file=sys.stderr)
         return 2

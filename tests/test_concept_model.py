@@ -68,7 +68,8 @@ def test_adjacency_rejects_bad_shapes():
 def load_reference(name: str):
     path = REFERENCE / f"{name}_concepts.npz"
     if not path.is_file():
-        pytest.skip(f"reference statistics not available: {path}")
+        pytest.skip(f"needs reference statistics outside the repository (../shared/reference/cvse_concepts/): "
+                    f"no {path}")
     return np.load(path, allow_pickle=False)
 
 

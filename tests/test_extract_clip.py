@@ -137,3 +137,16 @@ def test_error_cases(clip, split, tmp_path_factory):
     (split / "broken.tsv").write_text("img0 sub/0.png\n")
     with pytest.raises(ecf.ClipInputError, match=r"broken.tsv:1: expected 'id<TAB>relative/path'"):
         ecf.read_mapping(split / "broken.tsv")
+
+
+def test_command_line_errors_are_one_line(clip_dir, split, capsys):
+    """A missing mapping file, broken JSON or a missing CLIP folder: exit 2 with one `error:` line, no traceback."""
+    (split / "broken.json").write_text("{not json")
+    common = ["--image-root", str(split / "images"), "--data-root", str(split), "--splits", "test", "--device", "cpu"]
+    cases = [(["--model-dir", str(clip_dir), "--mapping", str(split / "absent.tsv")], "image mapping file not found"),
+             (["--model-dir", str(clip_dir), "--mapping", str(split / "broken.json")], "broken.json: not valid JSON"),
+             (["--model-dir", str(split / "no_clip"), "--mapping", str(split / "map.tsv")], "no CLIP model found")]
+    for argv, message in cases:
+        assert ecf.main(argv + common) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err

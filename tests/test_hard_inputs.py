@@ -190,7 +190,18 @@ def test_malformed_set(capsys, config, tmp_path):
 def test_text_encoder_missing(capsys, config, tmp_path):
     err = train_fails(capsys, config, tmp_path, f"model.text_encoder={tmp_path / 'no_bert'}")
     assert_message("Text encoder / tokenizer folder missing", err)
-    assert str(tmp_path / "no_bert") in err
+    assert str(tmp_path / "no_bert") in err and len(err.strip().splitlines()) == 1, err
+    # a name that is no folder is looked up in the Hugging Face cache, whose message spans lines: still one line
+    err = train_fails(capsys, config, tmp_path, "model.text_encoder=no-such-bert-model")
+    assert err.startswith("error: text encoder not found") and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_data_is_reported_before_what_is_derived_from_it(capsys, tmp_path):
+    """The shipped F30K config without data: the first error names the data, not the text encoder or the
+    concept vocabulary (both missing too), which scripts/build_concepts.py would build from that data."""
+    code, err = run_train(capsys, "--config", str(REPO / "configs" / "f30k_coder.yaml"), "--output",
+                          str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'f30k_precomp'}")
+    assert code == 2 and err.startswith(f"error: missing {tmp_path / 'f30k_precomp' / 'train_ims.npy'};"), err
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -594,7 +605,11 @@ def test_evaluating_checkpoint_last_keeps_the_best_models_results(capsys, tmp_pa
 
 
 @row("`evaluate.py --eccv` on a split that is not COCO's 5K test")
-def test_eccv_needs_coco_5k(capsys, trained):
+def test_eccv_needs_coco_5k(capsys, monkeypatch, trained):
+    def encode(*args, **kwargs):
+        raise AssertionError("the split was encoded before --eccv refused it")
+
+    monkeypatch.setattr("coder.evaluation.evaluate_model", encode)
     code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
     assert code == 2
     assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from coder.checkpoint import atomic_save, load_checkpoint
 
@@ -240,3 +241,18 @@ def test_resumed_run_ends_with_identical_weights_and_state(runs):
     assert torch.equal(a["rng"]["ranks"][0]["torch"], b["rng"]["ranks"][0]["torch"])  # the one rank's CPU stream
     for key in ("epoch", "step_in_epoch", "global_step", "best_rsum", "best_epoch"):
         assert a[key] == b[key], key
+
+
+def logged_steps(run: Path) -> dict[str, list[int]]:
+    """Every scalar tag's steps as TensorBoard shows them (after the purges a resumed writer asked for)."""
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: sorted(e.step for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
+
+
+def test_resumed_run_logs_the_steps_of_an_uninterrupted_run(runs):
+    """Each resume purges from the first step its checkpoint does not hold: nothing is shown twice (the steps
+    a killed run logged after its checkpoint) and nothing is lost (the checkpoint's own last step)."""
+    straight, resumed = logged_steps(runs["straight"]), logged_steps(runs["killed"])
+    assert straight["loss/total"] == list(range(1, EPOCHS * STEPS + 1))
+    assert resumed == straight

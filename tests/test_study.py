@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import evaluate
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import study  # noqa: E402
 
@@ -50,6 +52,20 @@ def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp
     stamp = (out / "dcl" / "seed1" / "eval_test.json").stat().st_mtime_ns
     assert study.main([str(spec), "--out", str(out)]) == 0
     assert (out / "dcl" / "seed1" / "eval_test.json").stat().st_mtime_ns == stamp
+
+    # rescoring a run with evaluate.py keeps training's record, so the dev column still counts both seeds
+    folder = out / "triplet" / "seed1"
+    assert evaluate.main(["--checkpoint", str(folder / "model_best.pth"), "--device", "cpu", "--no-progress"]) == 0
+    rescored = json.loads((folder / "eval_test.json").read_text())
+    trained = results["triplet"][1]
+    assert (rescored["best_epoch"], rescored["best_dev_rsum"]) == (trained["best_epoch"], trained["best_dev_rsum"])
+    capsys.readouterr()
+    assert study.main([str(spec), "--out", str(out), "--table-only"]) == 0
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    row = next(r for r in rows if r.startswith("| triplet baseline |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    devs = [r["best_dev_rsum"] for r in results["triplet"]]
+    assert cells["dev R@sum"] == f"{statistics.mean(devs):.1f} ± {statistics.stdev(devs):.1f}"
 
 
 def test_study_file_errors_name_the_entry(tmp_path):
@@ -136,3 +152,28 @@ def test_paired_columns_against_the_reference_entry(tmp_path):
     spec.write_text(json.dumps({"reference": "nope", "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
     with pytest.raises(study.StudyError, match="'reference: nope' names no entry"):
         study.load_study(spec)
+
+
+def test_readme_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
+    """--table-only with runs missing on disk refuses to erase the published block; --force replaces it."""
+    out = tmp_path / "runs"
+    for seed in (0, 1):
+        folder = out / "full" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        recalls = {"r1": 1.0}
+        (folder / "eval_test.json").write_text(json.dumps({"rsum": 400.0 + seed, "i2t": recalls, "t2i": recalls}))
+    spec = tmp_path / "guarded.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [{"name": "full", "config": "configs/demo.yaml"}]}))
+    start, end = study.markers("guarded")
+    readme = tmp_path / "README.md"
+    published = ("| run | seeds | dev R@sum |\n|---|---:|---:|\n| full | 3 | 401.0 ± 1.0 |\n"
+                 "| other | 2 | 400.0 ± 0.0 |")
+    readme.write_text(f"{start}\n{published}\n{end}\n")
+    argv = [str(spec), "--out", str(out), "--readme", str(readme), "--table-only"]
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 5 finished runs but only 2 were found" in err, err
+    assert published in readme.read_text()  # untouched
+    assert study.main(argv + ["--force"]) == 0
+    assert "| full | 2 |" in readme.read_text() and published not in readme.read_text()
+    assert study.main(argv) == 0  # as many runs as the block now holds: replaced again

@@ -89,6 +89,8 @@ def test_evaluate_py_reproduces_train_py(small_data, tiny_bert_dir, tmp_path, ca
         for m in ("r1", "r5", "r10", "medr", "meanr"):
             assert evaluated[d][m] == pytest.approx(trained[d][m], abs=1e-9)
     assert evaluated["chance_rsum"] == pytest.approx(chance_rsum(100)) and evaluated["duplicate_captions"] == 0
+    # training's record survives a rescoring: the eval json still names the selected epoch and its dev R@sum
+    assert (evaluated["best_epoch"], evaluated["best_dev_rsum"]) == (trained["best_epoch"], trained["best_dev_rsum"])
     printed = capsys.readouterr().out
     assert "R@sum" in printed and f"chance R@sum {chance_rsum(100):.1f}" in printed
     assert evaluate.main(["--checkpoint", str(out / "model_best.pth"), "--split", "dev", "--output",

@@ -27,6 +27,13 @@ def _expected_tree(root: Path, split: str) -> str:
             f"and {split}_clip.npy (float32, rows x clip_dim); see data/README.md")
 
 
+def require_split(root: str | Path, split: str) -> None:
+    """A split's features and captions exist, or a DataError names the first file missing."""
+    for path in (Path(root) / f"{split}_ims.npy", Path(root) / f"{split}_caps.txt"):
+        if not path.is_file():
+            raise DataError(f"missing {path}; {_expected_tree(Path(root), split)}")
+
+
 def _open_npy(path: Path, rank: int) -> np.ndarray:
     """Memory-map a float32 .npy array (only its header is read) and check its rank and dtype."""
     try:
@@ -105,9 +112,7 @@ class PrecompSplit:
         self.ids_path = self.root / f"{split}_ids.txt"
         self.clip_path = self.root / f"{split}_clip.npy"
         self.captions_per_image = captions_per_image
-        for path in (self.ims_path, self.caps_path):
-            if not path.is_file():
-                raise DataError(f"missing {path}; {_expected_tree(self.root, split)}")
+        require_split(self.root, split)
 
         self._features: np.ndarray | None = _open_npy(self.ims_path, rank=3)
         self.num_rows, self.num_regions, self.region_dim = self._features.shape

@@ -48,13 +48,14 @@ def load_text_backbone(name: str, num_layers: int | None = None):
         tokenizer = BertTokenizerFast.from_pretrained(path, local_files_only=True)
         bert = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())  # one line: Hugging Face's messages carry newlines
         raise ModelFileError(
             f"text encoder not found: '{path}' is not a local BERT directory (config.json, model weights, "
             f"vocab.txt) nor a model in the local Hugging Face cache, and downloads are off. Get it on a "
             f"machine with network, e.g. `python -c \"from transformers import BertModel, BertTokenizerFast; "
             f"BertModel.from_pretrained('bert-base-uncased').save_pretrained('models/bert-base-uncased'); "
             f"BertTokenizerFast.from_pretrained('bert-base-uncased').save_pretrained('models/bert-base-uncased')\"`, "
-            f"copy the folder here and set model.text_encoder to it. ({type(err).__name__}: {err})"
+            f"copy the folder here and set model.text_encoder to it. ({type(err).__name__}: {reason})"
         ) from err
     if num_layers is not None:
         bert.encoder.layer = bert.encoder.layer[:num_layers]
