@@ -8,8 +8,8 @@ A group is LABEL=FOLDER, its runs FOLDER/seed<k>/ as scripts/study.py lays them 
 read from each run's TensorBoard tag `dev/rsum` (one value per epoch, the last one logged if a resumed run
 logged an epoch twice); the last row is test R@sum of the dev-selected checkpoint (eval_test.json), at the
 epoch count the run was trained to. A paired difference uses only the seeds both groups have at that epoch.
-`s / epoch` is the median wall time between consecutive dev evaluations (one epoch of training plus one dev
-evaluation), as the run measured it on its machine. With --readme, the table replaces the README block
+`s / epoch` is the median wall time between consecutive dev evaluations of one process (one epoch of training
+plus one dev evaluation), as the run measured it on its machine. With --readme, the table replaces the README block
 `<!-- study:NAME:start -->` ... `<!-- study:NAME:end -->` (NAME from --block).
 """
 from __future__ import annotations
@@ -31,17 +31,22 @@ TEST = "test"  # the row key of the test R@sum (best-dev checkpoint)
 
 
 def read_run(folder: Path) -> tuple[dict, list[float]]:
-    """{epoch (1-based): dev R@sum, 'test': test R@sum} of one run, and the wall times of its dev evaluations."""
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    scores, times = {}, {}
-    if TAG in events.Tags()["scalars"]:
-        for event in events.Scalars(TAG):  # in file order, so a re-logged epoch keeps its last value
-            scores[event.step + 1], times[event.step + 1] = event.value, event.wall_time
+    """{epoch (1-based): dev R@sum, 'test': test R@sum} of one run, and the seconds between its consecutive dev
+    evaluations within one process (each resume starts a new event file; its restart is not an epoch's time)."""
+    scores, durations = {}, []
+    for path in sorted(folder.glob("events.out.tfevents.*")):  # names start with the creation time: file order
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        stamps = []
+        if TAG in events.Tags()["scalars"]:
+            for event in events.Scalars(TAG):  # a later file's value of an epoch replaces an earlier one's
+                scores[event.step + 1] = event.value
+                stamps.append(event.wall_time)
+        durations += [b - a for a, b in zip(stamps, stamps[1:])]
     test = folder / "eval_test.json"
     if test.is_file():
         scores[TEST] = json.loads(test.read_text())["rsum"]
-    return scores, [times[e] for e in sorted(times)]
+    return scores, durations
 
 
 def read_group(folder: Path) -> tuple[dict[int, dict], list[float]]:
@@ -50,8 +55,8 @@ def read_group(folder: Path) -> tuple[dict[int, dict], list[float]]:
     for run in sorted(folder.glob("seed*")):
         match = re.fullmatch(r"seed(\d+)", run.name)
         if match and run.is_dir():
-            runs[int(match.group(1))], stamps = read_run(run)
-            durations += [b - a for a, b in zip(stamps, stamps[1:])]
+            runs[int(match.group(1))], seconds = read_run(run)
+            durations += seconds
     return runs, durations
 
 

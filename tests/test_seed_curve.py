@@ -16,21 +16,32 @@ DEV = {"a": {0: [300.0, 350.0, 371.0], 1: [310.0, 342.5, 380.0], 2: [290.0, 361.
 TEST = {"a": {0: 366.0, 1: 377.0, 2: 361.0}, "b": {0: 388.0, 1: 379.5, 2: 373.0, 3: 9.0}}
 
 
-def write_run(folder: Path, dev: list[float], test: float, stale: bool) -> None:
-    folder.mkdir(parents=True)
-    writer = SummaryWriter(str(folder))
-    if stale:  # a first stage logged epoch 2 with another value before the run was resumed: the last one counts
-        writer.add_scalar("dev/rsum", -1000.0, 1, walltime=5.0)
-    for epoch, value in enumerate(dev):
-        writer.add_scalar("dev/rsum", value, epoch, walltime=100.0 + 40.0 * epoch)
+def write_events(folder: Path, name: str, values: dict[int, float], start: float) -> None:
+    """One process's event file: dev/rsum at the given 0-based epochs, one every 40 s from `start`."""
+    scratch = folder / f"writer{name}"
+    writer = SummaryWriter(str(scratch))
+    for k, (epoch, value) in enumerate(sorted(values.items())):
+        writer.add_scalar("dev/rsum", value, epoch, walltime=start + 40.0 * k)
     writer.close()
+    (created,) = scratch.iterdir()
+    created.rename(folder / f"events.out.tfevents.{name}")  # real names start with the creation time: same order
+    scratch.rmdir()
+
+
+def write_run(folder: Path, dev: list[float], test: float, resumed: bool) -> None:
+    folder.mkdir(parents=True)
+    if resumed:  # killed after logging epoch 2 with a value its checkpoint did not keep, resumed 1,000 s later
+        write_events(folder, "01", {0: dev[0], 1: -1000.0}, start=100.0)
+        write_events(folder, "02", {1: dev[1], 2: dev[2]}, start=1100.0)
+    else:
+        write_events(folder, "01", dict(enumerate(dev)), start=100.0)
     (folder / "eval_test.json").write_text(json.dumps({"rsum": test}))
 
 
 def fake_runs(root: Path) -> dict[str, Path]:
     for group, seeds in DEV.items():
         for seed, dev in seeds.items():
-            write_run(root / group / f"seed{seed}", dev, TEST[group][seed], stale=seed == 1)
+            write_run(root / group / f"seed{seed}", dev, TEST[group][seed], resumed=seed == 1)
     return {g: root / g for g in DEV}
 
 
@@ -55,6 +66,13 @@ def test_table_matches_direct_computation(tmp_path):
         mean, std = direct_mean_std(deltas)
         assert row[3].strip() == f"{mean:+.1f} ± {std / math.sqrt(3):.1f} (3)"
     assert "s / epoch (median, training + dev evaluation): a 40, b 40" in lines[-1]
+
+
+def test_epoch_seconds_stay_inside_one_process(tmp_path):
+    write_run(tmp_path / "seed1", DEV["a"][1], TEST["a"][1], resumed=True)
+    scores, seconds = seed_curve.read_run(tmp_path / "seed1")
+    assert scores == {1: DEV["a"][1][0], 2: DEV["a"][1][1], 3: DEV["a"][1][2], "test": TEST["a"][1]}
+    assert seconds == [40.0, 40.0]  # not the 1,000 s restart between the two files
 
 
 def test_readme_block_replaced_and_missing_folder_is_an_error(tmp_path, capsys):
