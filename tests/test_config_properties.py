@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import train
-from coder.config import _CHOICES, _RANGES, DEFAULTS, ConfigError, Range, merge, nest, validate
+from coder.config import _INT_OR_AUTO, _RANGES, DEFAULTS, ConfigError, Range, choices, merge, nest, validate
 
 SCALE = int(os.environ.get("CODER_PROPERTY_SCALE", "1"))
 IMAGES, REGION_DIM = 8, 16
@@ -38,6 +38,7 @@ def flat(node: dict, prefix: str = "") -> dict:
 
 
 KEYS = flat(DEFAULTS)
+CHOICES = choices()  # the schema's choices, the registries' names included
 
 
 def examples(n: int):
@@ -49,7 +50,7 @@ def examples(n: int):
 
 def test_every_numeric_key_has_a_range():
     numeric = {k for k, v in KEYS.items() if v is None or isinstance(v, (int, float, list)) and not isinstance(v, bool)}
-    assert numeric == set(_RANGES)
+    assert numeric | set(_INT_OR_AUTO) == set(_RANGES)
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -58,7 +59,7 @@ WRONG = ("two", 1.5, 7, True, None, [1], {"a": 1})
 
 def wrong_types(key: str) -> list:
     """Values whose type the key does not take (an int is a float here; text_layers: an int or null)."""
-    default = KEYS[key]
+    default = 0 if key in _INT_OR_AUTO else KEYS[key]  # an int or "auto"
     if default is None:
         return [v for v in WRONG if not (v is None or type(v) is int)]
     family = float if type(default) is float else type(default)
@@ -84,7 +85,7 @@ def numbers(allowed: Range, integer: bool, inside: bool):
 
 def values(key: str, inside: bool) -> list:
     """In-range edges (inside) or out-of-range values of a numeric key; lists get them element-wise."""
-    allowed, default = _RANGES[key], KEYS[key]
+    allowed, default = _RANGES[key], 0 if key in _INT_OR_AUTO else KEYS[key]
     integer = type(default) is int or allowed.each is int
     found = numbers(allowed, integer, inside)
     if isinstance(default, list):
@@ -97,8 +98,10 @@ def cases(key: str) -> list[tuple[str, object]]:
     out = [("refused", v) for v in wrong_types(key)]
     if key in _RANGES:
         out += [("refused", v) for v in values(key, inside=False)] + [("edge", v) for v in values(key, True)]
-    if key in _CHOICES:
-        out += [("refused", "no-such-choice")] + [("edge", c) for c in _CHOICES[key]]
+    if key in CHOICES:
+        out += [("refused", "no-such-choice")] + [("edge", c) for c in CHOICES[key]]
+    if key in _INT_OR_AUTO:
+        out += [("refused", "no-such-choice"), ("edge", "auto")]
     if isinstance(KEYS[key], bool):
         out += [("edge", True), ("edge", False)]
     return out

@@ -53,11 +53,10 @@ def train_steps(rank: int) -> dict:
     for i in range(STEPS):
         rows = torch.randperm(8, generator=torch.Generator().manual_seed(i))[rank::WORLD]
         mine = {k: v[rows] for k, v in batch.items()}
-        loss, _, _, out = step(mine, 1, labels[rows])
+        loss, _, _ = step(mine, 1, labels[rows])  # in training mode the step enqueues its keys itself
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        step.module.model.momentum.enqueue(out["v_key"], out["w_key"], mine["image_index"])
     buffers = dict(step.module.model.named_buffers())
     return {"broadcast_buffers": step.broadcast_buffers,
             **{name: next(v for k, v in buffers.items() if k.endswith(name)) for name in SHARED_BUFFERS}}

@@ -34,6 +34,7 @@ class FitProbe:
         self.cfg, self.epoch, self.step_in_epoch, self.labels, self.progress = cfg, 0, 0, None, False
         self.best_rsum, self.val_beta, self.seen = -1.0, 1.0, {}
         self.objective = SimpleNamespace(needs_labels=lambda epoch: True)
+        self.log = SimpleNamespace(epoch_line=lambda *args: None)
 
     def update_clusters(self, epoch):
         self.seen["kmeans"] = matmul_in_tf32()
