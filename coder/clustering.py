@@ -143,11 +143,11 @@ def pair_features(encode_pairs, loader, device, autocast, progress: bool = True)
 
 
 def cluster_training_pairs(encode_pairs, dataset, *, k: int, iters: int, init: Tensor | None, chunk_size: int,
-                           seed: int, batch_size: int, loader_options: dict, device, autocast, world: int = 1,
+                           seed: int, batch_size: int, num_workers: int | str, device, autocast, world: int = 1,
                            rank: int = 0, progress: bool = True) -> tuple[Tensor, Tensor, KMeansResult | None]:
     """Online k-means of §3.4 over the training pairs: every rank encodes a contiguous share of `dataset`
-    (no augmentation; `loader_options` are the DataLoader's workers and pinning), the features are gathered in
-    dataset order, rank 0 clusters them and broadcasts.
+    (no augmentation; `num_workers` as data.num_workers, "auto" included), the features are gathered in dataset
+    order, rank 0 clusters them and broadcasts.
 
     Returns (labels by dataset index, centroids (k, F) zero-padded when there are fewer points than k, and
     rank 0's KMeansResult for logging; None elsewhere)."""
@@ -155,10 +155,12 @@ def cluster_training_pairs(encode_pairs, dataset, *, k: int, iters: int, init: T
 
     from . import distributed as dist
     from .data import collate
+    from .data.workers import loader_options
 
     bounds = [len(dataset) * r // world for r in range(world + 1)]
     share = Subset(dataset, range(bounds[rank], bounds[rank + 1]))
-    loader = DataLoader(share, batch_size=batch_size, collate_fn=collate, **loader_options)
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=collate,
+                        **loader_options(num_workers, torch.device(device).type))
     (x,) = dist.all_gather_rows(pair_features(encode_pairs, loader, device, autocast, progress and rank == 0))
     labels = torch.zeros(len(dataset), dtype=torch.long, device=device)
     centroids = torch.zeros(k, x.size(1), device=device)

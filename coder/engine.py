@@ -270,8 +270,7 @@ class Trainer:
         self.labels, self.centroids, result = cluster_training_pairs(
             self.model.momentum.encode_pairs, training_split(self.cfg, self.tokenizer, train=False), k=ccfg["k"],
             iters=ccfg["iters"], init=init, chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
-            batch_size=self.cfg["eval"]["batch_size"],
-            loader_options=loader_options(self.cfg["data"]["num_workers"], self.device.type),
+            batch_size=self.cfg["eval"]["batch_size"], num_workers=self.cfg["data"]["num_workers"],
             device=self.device, autocast=self._autocast(), world=self.world, rank=self.rank, progress=self.progress)
         self.log.clusters(result, epoch)
 
