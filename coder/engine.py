@@ -172,7 +172,7 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
     return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
-def test_best_model(model, cfg: dict, tokenizer, out_dir: Path, device, progress: bool, log: TrainLogger,
+def evaluate_best_model(model, cfg: dict, tokenizer, out_dir: Path, device, progress: bool, log: TrainLogger,
                     best_epoch: int, best_rsum: float) -> dict:
     """model_best.pth on the test split (its dev-chosen beta), written to eval_<split>.json with the epoch and
     dev R@sum it was chosen by, logged and printed."""
@@ -386,5 +386,5 @@ class Trainer:
 
     def test(self) -> dict:
         """Evaluate model_best on the test split with the dataset's protocol; write eval_<split>.json."""
-        return test_best_model(self.model, self.cfg, self.tokenizer, self.out_dir, self.device, self.progress,
+        return evaluate_best_model(self.model, self.cfg, self.tokenizer, self.out_dir, self.device, self.progress,
                                self.log, self.best_epoch, self.best_rsum)
