@@ -2,10 +2,10 @@
 `Objective`, their weighted sum for a run (Eq. 8)."""
 from .dcl import POSITIVE_FORMS, dcl, diversity
 from .infonce import infonce
-from .objective import Bank, Objective
+from .objective import Bank, Objective, build_objective, register_instance_loss
 from .pgc import PrototypeClassifier, pgc
 from .triplet import triplet
 from .uto import uto, uto_term
 
 __all__ = ["diversity", "dcl", "POSITIVE_FORMS", "triplet", "infonce", "pgc", "PrototypeClassifier", "uto",
-           "uto_term", "Objective", "Bank"]
+           "uto_term", "Objective", "Bank", "build_objective", "register_instance_loss"]
