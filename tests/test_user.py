@@ -174,3 +174,25 @@ def test_cge_rejects_bad_clip_shape():
     cge = ClipGuidedEnhancement(clip_dim=12, embed_dim=10, region_dim=16)
     with pytest.raises(ValueError, match=r"shape \(2, 12\), got \(2, 8\)"):
         cge(torch.randn(2, 5, 16), torch.randn(2, 8))
+
+
+def test_the_objectives_uto_terms_are_the_oracle_checked_uto():
+    """Training runs UTO as two Eq. 8 terms (coder/losses/terms.py); weighted lambda (batch) and 1 (queue) they
+    equal `uto`, which the float64 loops above check."""
+    from coder.config import load_config
+    from coder.losses.objective import Bank, build_objective
+
+    g = torch.Generator().manual_seed(5)
+    v, w, v_key, w_key = (torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)
+                          for _ in range(4))
+    queue_v, queue_w = (torch.nn.functional.normalize(torch.randn(10, 8, generator=g, dtype=torch.float64), dim=1)
+                        for _ in range(2))
+    cfg = load_config("configs/f30k_user.yaml", ["model.embed_dim=8"])
+    objective = build_objective(cfg).double()
+    ids = torch.zeros(10, dtype=torch.long)
+    total, terms, _ = objective({"v_i": v, "w_i": w, "v_key": v_key, "w_key": w_key},
+                                {"index": torch.arange(6), "image_index": torch.arange(6)}, 0,
+                                Bank(queue_v, queue_w, ids, ids))
+    expected, _ = uto(v, w, v_key, w_key, queue_v, queue_w, lambda_uto=cfg["loss"]["instance_weight"])
+    assert set(terms) == {"instance", "memory"}
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
