@@ -6,7 +6,6 @@
 - without per-step buffer broadcasts (`dist.wrap_ddp`), the queues, their ids and the concept graph (X,
   A_hat) stay identical on both ranks over several training steps, since enqueue gathers every rank's keys.
 """
-import datetime
 import os
 import time
 from pathlib import Path
@@ -19,18 +18,12 @@ import torch.distributed as torch_dist
 from coder import checkpoint
 from coder import distributed as dist
 from coder.engine import NonFiniteLossError, Trainer
-from tests.ddp import free_port
+from tests.ddp import join_group, leave_group, spawn
 from tests.test_gather_ddp import build, data
 
 WORLD, STEPS = 2, 4
 SHARED_BUFFERS = ("queue_v.features", "queue_v.ids", "queue_w.features", "queue_w.ids", "word_vectors",
                   "adjacency")
-
-
-def join(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # a short timeout: a rank left waiting at a collective fails the test in seconds instead of hanging it
-    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
 
 
 def gathered_rng(rank: int) -> list[int]:
@@ -76,19 +69,20 @@ def nan_on_rank_one(rank: int, out_dir: str) -> dict:
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    join(rank, port)
+    # a short timeout: a rank left waiting at a collective fails the test in a minute instead of hanging it
+    join_group(rank, WORLD, port, timeout_s=60)
     try:
         result = {"rng": gathered_rng(rank), "buffers": train_steps(rank)}
         result["nan"] = nan_on_rank_one(rank, out_dir)  # last: it ends the ranks' work
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
-        torch_dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp_ranks")
-    torch.multiprocessing.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn(worker, WORLD, out_dir)
     return [torch.load(out_dir / f"rank{r}.pth", weights_only=True) for r in range(WORLD)]
 
 

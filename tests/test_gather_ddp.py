@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from coder.config import load_config
@@ -19,7 +18,7 @@ from coder.losses.objective import build_objective
 from coder.models.model import build_itr_model
 from coder.models.text import tiny_bert
 from coder.step import ContrastiveStep
-from tests.ddp import join_group, spawn
+from tests.ddp import join_group, leave_group, spawn
 
 WORLD, BATCH = 2, 8
 OVERRIDES = ["model.region_dim=16", "model.num_regions=5", "model.embed_dim=24", "model.concept.enabled=true",
@@ -68,7 +67,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             step = nn.parallel.DistributedDataParallel(build(gather), find_unused_parameters=True)
             torch.save(loss_and_grads(step, mine, labels[rows]), os.path.join(out_dir, f"{gather}_rank{rank}.pth"))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.fixture(scope="module")

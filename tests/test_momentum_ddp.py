@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from coder.models.momentum import FeatureQueue
-from tests.ddp import join_group, spawn
+from tests.ddp import join_group, leave_group, spawn
 
 WORLD = 2
 SIZE, DIM = 10, 3
@@ -40,7 +39,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 queue.enqueue(*rank_keys(rank, sizes[rank]))
             torch.save(queue.state_dict(), os.path.join(out_dir, f"{name}_rank{rank}.pth"))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from coder.models.model import build_itr_model
 from coder.models.momentum import momentum_update
 from coder.models.text import tiny_bert
 from coder.step import ContrastiveStep
-from tests.ddp import join_group, spawn
+from tests.ddp import join_group, leave_group, spawn
 
 B, QUEUE = 6, 12
 OVERRIDES = ["model.region_dim=16", "model.num_regions=5", "model.embed_dim=24", "model.momentum.enabled=true",
@@ -172,7 +172,7 @@ def gather_worker(rank: int, port: int, out_dir: str) -> None:
         loss.backward()
         torch.save({"mine": data["text_lengths"], "seen": SeenFields.seen[0]}, os.path.join(out_dir, f"{rank}.pth"))
     finally:
-        torch.distributed.destroy_process_group()
+        leave_group()
 
 
 def test_a_declared_batch_field_arrives_gathered_from_every_rank(tmp_path):

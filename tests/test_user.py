@@ -137,6 +137,19 @@ def test_sge_attention_sums_to_one_and_shape_is_kept():
     torch.testing.assert_close(sge(regions), inject_global(regions, g))
 
 
+def test_sge_attention_offset_has_no_effect_and_old_checkpoints_load():
+    torch.manual_seed(6)
+    sge = SelfGuidedEnhancement(region_dim=16, num_regions=6).eval()
+    regions = torch.randn(4, 6, 16)
+    _, a = sge.self_attention(regions)
+    state = {**sge.state_dict(), "attention_logit.bias": torch.tensor([3.0])}  # a checkpoint with the offset
+    fresh = SelfGuidedEnhancement(region_dim=16, num_regions=6).eval()
+    fresh.load_state_dict(state)  # strict: only the offset without effect may be dropped
+    torch.testing.assert_close(fresh.self_attention(regions)[1], a)
+    shifted = torch.softmax(torch.log(a) + 3.0, dim=1)  # why there is no bias: the softmax cancels it
+    torch.testing.assert_close(shifted, a)
+
+
 def test_sge_rejects_variable_region_counts():
     sge = SelfGuidedEnhancement(region_dim=16, num_regions=6)
     with pytest.raises(ValueError, match="expects exactly 6 regions per image, got 5"):

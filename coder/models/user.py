@@ -55,10 +55,16 @@ class SelfGuidedEnhancement(nn.Module):
         self.global_linear = nn.Linear(region_dim, region_dim)
         self.global_bn = nn.BatchNorm1d(region_dim)
         self.dropout = nn.Dropout(dropout)
-        self.attention_logit = nn.Linear(region_dim, 1)
+        # no bias: a logit offset shared by all L regions cancels in the softmax, so it would get no gradient
+        self.attention_logit = nn.Linear(region_dim, 1, bias=False)
         for linear in (self.local_linear, self.global_linear, self.attention_logit):
             nn.init.xavier_uniform_(linear.weight)  # as USER's SGE: Xavier weights, zero bias
-            nn.init.zeros_(linear.bias)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "attention_logit.bias", None)  # earlier checkpoints: an offset without effect
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, regions: Tensor, lengths: Tensor | Lengths | None) -> None:
         _check_regions(regions, self.region_dim, "SelfGuidedEnhancement")
