@@ -21,6 +21,10 @@ replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- st
 study file's name without .yaml), so one README can hold several studies. It refuses to replace a block
 with a table of fewer finished runs than the block holds (runs missing on disk), unless --force.
 
+Entries may name a `group` (a tuning grid, the paper's value first): each entry then gets its paired difference of
+dev R@sum against the group's first entry, and the entry with the best mean dev R@sum, over the seeds every entry
+of the group finished, is marked "chosen on dev". Choices are made on dev only; test is reported beside.
+
 With `reference`, each other entry also gets the paired difference of test R@sum against the reference run of
 the same seed (same data order): its mean with a 95% Student t interval over the seed pairs, the number of
 pairs, and the interval's half-width, the smallest difference those pairs resolve. This is seed noise (how
@@ -84,6 +88,8 @@ def load_study(path: Path) -> dict:
         if not isinstance(run.setdefault("set", []), list):
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'set' must be a list of key=value")
         run.setdefault("label", run["name"])
+        if not isinstance(run.setdefault("group", None), (str, type(None))):
+            raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'group' must be a string")
     study.setdefault("seeds", [0])
     reference = study.setdefault("reference", None)
     if reference is not None and reference not in names:
@@ -155,6 +161,31 @@ def paired_cells(results: dict[int, dict], reference: dict[int, dict]) -> list[s
     return [f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]", str(diff.n), f"{diff.half_width:.1f}"]
 
 
+def group_cells(study: dict, done: dict[str, tuple[dict, list]]) -> dict[str, list[str]]:
+    """Per grouped entry: Δ dev R@sum against its group's first entry [95% t interval over seed pairs], and
+    "chosen on dev" for the best mean dev R@sum over the seeds all of the group's entries finished."""
+    cells = {}
+    for group in dict.fromkeys(run["group"] for run in study["runs"] if run["group"]):
+        members = [run["name"] for run in study["runs"] if run["group"] == group]
+        dev = {name: {s: r.get("best_dev_rsum") for s, r in done[name][0].items()} for name in members}
+        common = sorted(set.intersection(*(set(s for s, v in d.items() if v is not None) for d in dev.values())))
+        best = max(members, key=lambda n: statistics.mean(dev[n][s] for s in common)) if common else None
+        first = members[0]
+        for name in members:
+            seeds = sorted(s for s in dev[name] if dev[name][s] is not None and dev[first].get(s) is not None)
+            diff = paired_t_interval([dev[name][s] for s in seeds], [dev[first][s] for s in seeds]) if seeds else None
+            if name == first:
+                delta = f"{first} (first)"
+            elif diff is None:
+                delta = "–"
+            elif diff.half_width is None:
+                delta = f"{diff.mean:.1f} (1 pair)"
+            else:
+                delta = f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]"
+            cells[name] = [group, delta, "chosen on dev" if name == best else ""]
+    return cells
+
+
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     """Markdown: one row per entry, mean ± std over the seeds whose run finished; with a reference entry,
     the paired columns after test R@sum."""
@@ -162,15 +193,20 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     names = [name for name, _ in COLUMNS]
     paired = [f"Δ test R@sum vs {ref} [95% CI]", "n pairs", "resolves ±"] if ref else []
     at = names.index("test R@sum") + 1
-    header = ["run", "seeds"] + names[:at] + paired + names[at:] + ["s / run"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     done = {run["name"]: finished(run, out, seeds, split) for run in study["runs"]}
+    grouped = group_cells(study, done)
+    tuning = ["group", "Δ dev R@sum vs group's first [95% CI]", "choice"] if grouped else []
+    header = ["run", "seeds"] + names[:at] + paired + tuning + names[at:] + ["s / run"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for run in study["runs"]:
         results, seconds = done[run["name"]]
         cells = [mean_std([read(r) for r in results.values()]) for _, read in COLUMNS]
         if ref:
             mine = ["reference", "–", "–"] if run["name"] == ref else paired_cells(results, done[ref][0])
             cells = cells[:at] + mine + cells[at:]
+        if grouped:
+            at_tuning = at + len(paired)
+            cells = cells[:at_tuning] + grouped.get(run["name"], ["–", "–", ""]) + cells[at_tuning:]
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")
     return "\n".join(lines)

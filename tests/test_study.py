@@ -177,3 +177,37 @@ def test_readme_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
     assert study.main(argv + ["--force"]) == 0
     assert "| full | 2 |" in readme.read_text() and published not in readme.read_text()
     assert study.main(argv) == 0  # as many runs as the block now holds: replaced again
+
+
+def test_tuning_groups_choose_on_dev_over_common_seeds(tmp_path):
+    """Within a group the best mean dev R@sum over the seeds every member finished is chosen, never the best
+    test; Δ dev against the group's first entry is paired by seed (by hand: mean ± t_{0.975, 1} sd / √2)."""
+    runs = {  # name: [(dev, test) per seed]
+        "paper": [(400.0, 500.0), (410.0, 520.0)],
+        "low": [(405.0, 700.0), (412.0, 710.0), (300.0, 300.0)],  # the best test; seed 2 is not common
+        "high": [(399.0, 600.0), (420.0, 610.0)],  # over seeds 0-1, the best dev mean
+    }
+    out = tmp_path / "runs"
+    for name, values in runs.items():
+        for seed, (dev, test) in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps(
+                {"rsum": test, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
+        {"name": name, "group": "g", "config": "configs/demo.yaml"} for name in runs]
+        + [{"name": "alone", "config": "configs/demo.yaml"}]}))
+    lines = study.table(study.load_study(spec), out, [0, 1, 2]).splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    rows = {line.split("|")[1].strip(): dict(zip(header, [c.strip() for c in line.split("|")])) for line in lines[2:]}
+    # dev means over seeds 0-1: paper 405.0, low 408.5, high 409.5 -> high, although low's 3-seed mean differs
+    assert [name for name, row in rows.items() if row["choice"] == "chosen on dev"] == ["high"]
+    column = "Δ dev R@sum vs group's first [95% CI]"
+    diffs = [-1.0, 10.0]
+    mean, half = statistics.mean(diffs), 12.706204736174707 * statistics.stdev(diffs) / 2 ** 0.5
+    assert rows["high"][column] == f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]"
+    assert rows["paper"][column] == "paper (first)" and rows["alone"]["group"] == "–"
+    spec.write_text(json.dumps({"runs": [{"name": "a", "group": 3, "config": "configs/demo.yaml"}]}))
+    with pytest.raises(study.StudyError, match="'group' must be a string"):
+        study.load_study(spec)
