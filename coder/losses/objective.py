@@ -7,6 +7,7 @@ every term is computed in float32 outside autocast, whatever precision the encod
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,7 +61,8 @@ class Objective(nn.Module):
                 labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Total loss, the terms before weighting (for logging), and diagnostics (diversity values)."""
         device = next(iter(out.values())).device.type
-        with torch.autocast(device, enabled=False):  # bf16 sims would round the logits DCL/UTO sharpen
+        # bf16 sims would round the logits DCL/UTO sharpen (a device without autocast has none to switch off)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             out = {name: value.float() if value.dtype in _HALF else value for name, value in out.items()}
             if bank is not None:
                 bank = Bank(*(t.float() if t.dtype in _HALF else t for t in bank))

@@ -135,12 +135,17 @@ class GPO(nn.Module):
         """
         lengths = as_lengths(lengths, width=max_len)
         pe = positional_encoding(max_len, self.pe_dim, lengths.device).expand(len(lengths.distinct), -1, -1)
-        packed = pack_padded_sequence(pe, lengths.distinct, batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)
+        out = self.packed_gru(pe, lengths.distinct)
         out = (out[..., : out.size(-1) // 2] + out[..., out.size(-1) // 2 :]) / 2
         scores = self.score(out).squeeze(-1).float()
         scores = scores.masked_fill(~valid_mask(lengths.distinct_on, max_len), float("-inf"))
         return torch.softmax(scores / self.temperature, dim=1)[lengths.inverse].unsqueeze(-1)
+
+    def packed_gru(self, pe: Tensor, distinct: Tensor) -> Tensor:
+        """The GRU over each encoding's first `distinct` positions (CPU lengths, as packing requires), padded
+        back to pe's length."""
+        packed = pack_padded_sequence(pe, distinct, batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=pe.size(1))[0]
 
     def forward(self, features: Tensor, lengths: Tensor | Lengths) -> Tensor:
         lengths = as_lengths(lengths, features, features.size(1))
