@@ -21,6 +21,10 @@ replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- st
 study file's name without .yaml), so one README can hold several studies. It refuses to replace a block
 with a table of fewer finished runs than the block holds (runs missing on disk), unless --force.
 
+An entry with `rescore: NAME` trains nothing: it evaluates entry NAME's `model_best.pth` of each seed with its own
+`set` (eval or data keys, e.g. `eval.beta=0.9`) through evaluate.py, after the training entries; its dev column
+is the training's record (the dev R@sum that selected the checkpoint).
+
 Entries may name a `group` (a tuning grid, the paper's value first): each entry then gets its paired difference of
 dev R@sum against the group's first entry, and the entry with the best mean dev R@sum, over the seeds every entry
 of the group finished, is marked "chosen on dev". Choices are made on dev only; test is reported beside.
@@ -79,7 +83,7 @@ def load_study(path: Path) -> dict:
         raise StudyError(f"{path}: expected a mapping with a non-empty 'runs' list")
     names = set()
     for i, run in enumerate(study["runs"]):
-        for key in ("name", "config"):
+        for key in ("name",) + (() if isinstance(run, dict) and "rescore" in run else ("config",)):
             if not isinstance(run, dict) or not isinstance(run.get(key), str):
                 raise StudyError(f"{path}: runs[{i}] needs a string '{key}'")
         if run["name"] in names:
@@ -90,6 +94,11 @@ def load_study(path: Path) -> dict:
         run.setdefault("label", run["name"])
         if not isinstance(run.setdefault("group", None), (str, type(None))):
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'group' must be a string")
+    trained = {run["name"] for run in study["runs"] if "rescore" not in run}
+    for i, run in enumerate(study["runs"]):
+        if "rescore" in run and run["rescore"] not in trained:
+            raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'rescore: {run['rescore']}' names no trained "
+                             f"entry ({', '.join(sorted(trained))})")
     study.setdefault("seeds", [0])
     reference = study.setdefault("reference", None)
     if reference is not None and reference not in names:
@@ -101,6 +110,8 @@ def check_configs(study: dict, path: Path) -> None:
     """Resolve every entry's config with its overrides before anything trains, so a mistyped key stops the
     study at once instead of after the runs before it."""
     for i, run in enumerate(study["runs"]):
+        if "rescore" in run:
+            continue  # evaluate.py checks its overrides against the checkpoint's config
         try:
             load_config(REPO / run["config"], run["set"])
         except ConfigError as err:
@@ -112,11 +123,18 @@ def run_dir(out: Path, run: dict, seed: int) -> Path:
 
 
 def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
-    """One train.py run in a subprocess (resumed if it was killed); its wall time goes to study_run.json."""
+    """One train.py run in a subprocess (resumed if it was killed), or for a `rescore` entry one evaluate.py run
+    of the source's checkpoint of this seed; its wall time goes to study_run.json."""
     if (folder / f"eval_{split}.json").is_file():
         return  # finished in an earlier invocation
-    command = [sys.executable, str(REPO / "train.py"), "--config", run["config"], "--output", str(folder),
-               "--no-progress", "--resume", "auto", "--set", f"train.seed={seed}"]
+    if "rescore" in run:
+        source = folder.parent.parent / run["rescore"] / f"seed{seed}" / "model_best.pth"
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(source), "--output", str(folder),
+                   "--split", split, "--no-progress"]
+    else:
+        command = [sys.executable, str(REPO / "train.py"), "--config", run["config"], "--output", str(folder),
+                   "--no-progress", "--resume", "auto", "--set", f"train.seed={seed}"]
     for override in run["set"]:
         command += ["--set", override]
     print(f"[study] {run['name']} seed {seed}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
@@ -255,7 +273,7 @@ def main(argv=None) -> int:
         if not args.table_only:
             check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None
-            for run in study["runs"]:
+            for run in sorted(study["runs"], key=lambda r: "rescore" in r):  # the sources train first
                 if args.only and run["name"] not in args.only:
                     continue
                 for seed in seeds:

@@ -67,6 +67,23 @@ def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp
     devs = [r["best_dev_rsum"] for r in results["triplet"]]
     assert cells["dev R@sum"] == f"{statistics.mean(devs):.1f} ± {statistics.stdev(devs):.1f}"
 
+    # a rescore entry evaluates the triplet's checkpoints again (settings that cannot change the ranking): the
+    # same test R@sum, so Δ = 0 with a zero-width interval against them, and nothing is trained again
+    spec_data = json.loads(spec.read_text())
+    spec_data["reference"] = "triplet"
+    spec_data["runs"].append({"name": "again", "rescore": "triplet", "set": ["eval.batch_size=7"]})
+    spec.write_text(json.dumps(spec_data))
+    assert study.main([str(spec), "--out", str(out)]) == 0
+    assert (out / "dcl" / "seed1" / "eval_test.json").stat().st_mtime_ns == stamp
+    again = [json.loads((out / "again" / f"seed{s}" / "eval_test.json").read_text()) for s in (0, 1)]
+    assert [r["rsum"] for r in again] == [r["rsum"] for r in results["triplet"]]
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| again |"))
+    assert "| 0.0 [0.0, 0.0] | 2 | 0.0 |" in row
+    spec_data["runs"].append({"name": "orphan", "rescore": "nowhere"})
+    spec.write_text(json.dumps(spec_data))
+    with pytest.raises(study.StudyError, match="'rescore: nowhere' names no trained entry"):
+        study.load_study(spec)
+
 
 def test_study_file_errors_name_the_entry(tmp_path):
     bad = tmp_path / "bad.yaml"
