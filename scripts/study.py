@@ -29,6 +29,9 @@ Entries may name a `group` (a tuning grid, the paper's value first): each entry 
 dev R@sum against the group's first entry, and the entry with the best mean dev R@sum, over the seeds every entry
 of the group finished, is marked "chosen on dev". Choices are made on dev only; test is reported beside.
 
+An entry may also name `versus: NAME` (say, the previous row of an ablation table): its paired Δ test R@sum against
+that entry, same seeds, with the 95% t interval and the number of pairs, in a column of its own.
+
 With `reference`, each other entry also gets the paired difference of test R@sum against the reference run of
 the same seed (same data order): its mean with a 95% Student t interval over the seed pairs, the number of
 pairs, and the interval's half-width, the smallest difference those pairs resolve. This is seed noise (how
@@ -100,6 +103,9 @@ def load_study(path: Path) -> dict:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'rescore: {run['rescore']}' names no trained "
                              f"entry ({', '.join(sorted(trained))})")
     study.setdefault("seeds", [0])
+    for i, run in enumerate(study["runs"]):
+        if run.setdefault("versus", None) is not None and run["versus"] not in names:
+            raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'versus: {run['versus']}' names no entry")
     reference = study.setdefault("reference", None)
     if reference is not None and reference not in names:
         raise StudyError(f"{path}: 'reference: {reference}' names no entry of 'runs' ({', '.join(sorted(names))})")
@@ -204,6 +210,16 @@ def group_cells(study: dict, done: dict[str, tuple[dict, list]]) -> dict[str, li
     return cells
 
 
+def versus_cell(results: dict[int, dict], other: dict[int, dict], name: str) -> str:
+    """'Δ [95% CI] (pairs) vs NAME': test R@sum against entry NAME's run of the same seed."""
+    seeds = sorted(set(results) & set(other))
+    if not seeds:
+        return f"– vs {name}"
+    diff = paired_t_interval([results[s]["rsum"] for s in seeds], [other[s]["rsum"] for s in seeds])
+    interval = "" if diff.half_width is None else f" [{diff.low:.1f}, {diff.high:.1f}]"
+    return f"{diff.mean:.1f}{interval} ({diff.n}) vs {name}"
+
+
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     """Markdown: one row per entry, mean ± std over the seeds whose run finished; with a reference entry,
     the paired columns after test R@sum."""
@@ -214,7 +230,8 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     done = {run["name"]: finished(run, out, seeds, split) for run in study["runs"]}
     grouped = group_cells(study, done)
     tuning = ["group", "Δ dev R@sum vs group's first [95% CI]", "choice"] if grouped else []
-    header = ["run", "seeds"] + names[:at] + paired + tuning + names[at:] + ["s / run"]
+    steps = ["Δ test R@sum vs `versus` [95% CI] (pairs)"] if any(run["versus"] for run in study["runs"]) else []
+    header = ["run", "seeds"] + names[:at] + paired + steps + tuning + names[at:] + ["s / run"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for run in study["runs"]:
         results, seconds = done[run["name"]]
@@ -222,8 +239,11 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
         if ref:
             mine = ["reference", "–", "–"] if run["name"] == ref else paired_cells(results, done[ref][0])
             cells = cells[:at] + mine + cells[at:]
+        if steps:
+            versus = run["versus"]
+            cells.insert(at + len(paired), versus_cell(results, done[versus][0], versus) if versus else "–")
         if grouped:
-            at_tuning = at + len(paired)
+            at_tuning = at + len(paired) + len(steps)
             cells = cells[:at_tuning] + grouped.get(run["name"], ["–", "–", ""]) + cells[at_tuning:]
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")

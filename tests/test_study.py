@@ -166,8 +166,19 @@ def test_paired_columns_against_the_reference_entry(tmp_path):
     assert rows["new"]["test R@sum"] == f"{statistics.mean(rsums['new']):.1f} ± {statistics.stdev(rsums['new']):.1f}"
     assert rows["same"][column] == "0.0 [0.0, 0.0]" and rows["same"]["resolves ±"] == "0.0"
     assert rows["ref"][column] == "reference"
+    # `versus`: the same paired interval against a named entry, in its own column (here the reference again)
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "runs": [
+        {"name": name, "config": "configs/demo.yaml", **({"versus": "ref"} if name == "new" else {})}
+        for name in rsums]}))
+    lines = study.table(study.load_study(spec), out, [0, 1, 2, 3]).splitlines()
+    cells = dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in lines[4].split("|")]))
+    expected = f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}] (3) vs ref"
+    assert cells["Δ test R@sum vs `versus` [95% CI] (pairs)"] == expected
     spec.write_text(json.dumps({"reference": "nope", "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
     with pytest.raises(study.StudyError, match="'reference: nope' names no entry"):
+        study.load_study(spec)
+    spec.write_text(json.dumps({"runs": [{"name": "a", "config": "configs/demo.yaml", "versus": "b"}]}))
+    with pytest.raises(study.StudyError, match="'versus: b' names no entry"):
         study.load_study(spec)
 
 
