@@ -128,9 +128,24 @@ def run_dir(out: Path, run: dict, seed: int) -> Path:
     return out / run["name"] / f"seed{seed}"
 
 
+def settings(run: dict) -> dict:
+    """What makes an entry's runs what they are: studies that share a runs folder share a run only if these agree."""
+    return {key: run.get(key) for key in ("config", "rescore", "set")}
+
+
+def check_shared(run: dict, folder: Path) -> None:
+    """Refuse to reuse a finished run that another study made under the same name with other settings."""
+    record = folder / "study_run.json"
+    stored = json.loads(record.read_text()).get("settings") if record.is_file() else None
+    if stored is not None and stored != settings(run):
+        raise StudyError(f"{folder} was made with {stored}, entry '{run['name']}' asks for {settings(run)}: "
+                         "rename the entry or pass another --out")
+
+
 def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     """One train.py run in a subprocess (resumed if it was killed), or for a `rescore` entry one evaluate.py run
     of the source's checkpoint of this seed; its wall time goes to study_run.json."""
+    check_shared(run, folder)
     if (folder / f"eval_{split}.json").is_file():
         return  # finished in an earlier invocation
     if "rescore" in run:
@@ -147,7 +162,8 @@ def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     tic = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=stream, stderr=stream)
     seconds = time.perf_counter() - tic
-    (folder / "study_run.json").write_text(json.dumps({"seconds": seconds, "command": command[1:]}, indent=2))
+    (folder / "study_run.json").write_text(json.dumps({"seconds": seconds, "command": command[1:],
+                                                       "settings": settings(run)}, indent=2))
 
 
 def mean_std(values: list[float]) -> str:
@@ -277,7 +293,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path, help="study YAML (see studies/)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the study's seeds")
-    parser.add_argument("--out", type=Path, help="parent folder of the runs (default runs/study/<study name>)")
+    parser.add_argument("--out", type=Path, help="parent folder of the runs (default runs/study, shared by every "
+                        "study: an entry of the same name and settings reuses the same runs)")
     parser.add_argument("--only", nargs="+", help="run only these entries (the table still lists all)")
     parser.add_argument("--split", default="test", help="the split whose eval json is tabulated")
     parser.add_argument("--readme", type=Path, help="file whose study block is replaced by the table")
@@ -289,7 +306,7 @@ def main(argv=None) -> int:
     try:
         study = load_study(args.study)
         seeds = args.seeds or study["seeds"]
-        out = args.out or REPO / "runs" / "study" / args.study.stem
+        out = args.out or REPO / "runs" / "study"
         if not args.table_only:
             check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None

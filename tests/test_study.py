@@ -239,3 +239,18 @@ def test_tuning_groups_choose_on_dev_over_common_seeds(tmp_path):
     spec.write_text(json.dumps({"runs": [{"name": "a", "group": 3, "config": "configs/demo.yaml"}]}))
     with pytest.raises(study.StudyError, match="'group' must be a string"):
         study.load_study(spec)
+
+
+def test_a_shared_run_made_with_other_settings_is_not_reused(tmp_path, capsys):
+    """Studies share runs/study: a finished run is reused only by an entry of the same config and overrides."""
+    folder = tmp_path / "runs" / "row" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "eval_test.json").write_text(json.dumps({"rsum": 400.0, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    made = {"name": "row", "config": "configs/demo.yaml", "set": ["loss.mu=0.05"]}
+    (folder / "study_run.json").write_text(json.dumps({"seconds": 1.0, "settings": study.settings(made)}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({"runs": [{**made, "label": "same settings, another label"}]}))
+    assert study.main([str(spec), "--out", str(tmp_path / "runs")]) == 0  # reused: nothing is trained
+    spec.write_text(json.dumps({"runs": [{**made, "set": ["loss.mu=0.2"]}]}))
+    assert study.main([str(spec), "--out", str(tmp_path / "runs")]) == 2
+    assert "entry 'row' asks for" in capsys.readouterr().err
