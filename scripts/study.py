@@ -98,14 +98,13 @@ def load_study(path: Path) -> dict:
         if not isinstance(run.setdefault("group", None), (str, type(None))):
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}') 'group' must be a string")
     trained = {run["name"] for run in study["runs"] if "rescore" not in run}
-    for i, run in enumerate(study["runs"]):
+    for i, run in enumerate(study["runs"]):  # entries that name another entry
         if "rescore" in run and run["rescore"] not in trained:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'rescore: {run['rescore']}' names no trained "
                              f"entry ({', '.join(sorted(trained))})")
-    study.setdefault("seeds", [0])
-    for i, run in enumerate(study["runs"]):
         if run.setdefault("versus", None) is not None and run["versus"] not in names:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'versus: {run['versus']}' names no entry")
+    study.setdefault("seeds", [0])
     reference = study.setdefault("reference", None)
     if reference is not None and reference not in names:
         raise StudyError(f"{path}: 'reference: {reference}' names no entry of 'runs' ({', '.join(sorted(names))})")
@@ -190,15 +189,18 @@ def finished(run: dict, out: Path, seeds: list[int], split: str) -> tuple[dict[i
     return results, seconds
 
 
+def interval_text(diff) -> str:
+    """'mean [low, high]' of a paired t interval, or the mean alone for a single pair."""
+    return f"{diff.mean:.1f}" if diff.half_width is None else f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]"
+
+
 def paired_cells(results: dict[int, dict], reference: dict[int, dict]) -> list[str]:
     """Δ test R@sum against the reference's run of the same seed [95% t interval], pairs, half-width."""
     seeds = sorted(set(results) & set(reference))
     if not seeds:
         return ["–", "0", "–"]
     diff = paired_t_interval([results[s]["rsum"] for s in seeds], [reference[s]["rsum"] for s in seeds])
-    if diff.half_width is None:
-        return [f"{diff.mean:.1f}", "1", "–"]
-    return [f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]", str(diff.n), f"{diff.half_width:.1f}"]
+    return [interval_text(diff), str(diff.n), "–" if diff.half_width is None else f"{diff.half_width:.1f}"]
 
 
 def group_cells(study: dict, done: dict[str, tuple[dict, list]]) -> dict[str, list[str]]:
@@ -214,14 +216,7 @@ def group_cells(study: dict, done: dict[str, tuple[dict, list]]) -> dict[str, li
         for name in members:
             seeds = sorted(s for s in dev[name] if dev[name][s] is not None and dev[first].get(s) is not None)
             diff = paired_t_interval([dev[name][s] for s in seeds], [dev[first][s] for s in seeds]) if seeds else None
-            if name == first:
-                delta = f"{first} (first)"
-            elif diff is None:
-                delta = "–"
-            elif diff.half_width is None:
-                delta = f"{diff.mean:.1f} (1 pair)"
-            else:
-                delta = f"{diff.mean:.1f} [{diff.low:.1f}, {diff.high:.1f}]"
+            delta = f"{first} (first)" if name == first else "–" if diff is None else interval_text(diff)
             cells[name] = [group, delta, "chosen on dev" if name == best else ""]
     return cells
 
@@ -232,8 +227,7 @@ def versus_cell(results: dict[int, dict], other: dict[int, dict], name: str) -> 
     if not seeds:
         return f"– vs {name}"
     diff = paired_t_interval([results[s]["rsum"] for s in seeds], [other[s]["rsum"] for s in seeds])
-    interval = "" if diff.half_width is None else f" [{diff.low:.1f}, {diff.high:.1f}]"
-    return f"{diff.mean:.1f}{interval} ({diff.n}) vs {name}"
+    return f"{interval_text(diff)} ({diff.n}) vs {name}"
 
 
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
