@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data import PrecompCaptions, PrecompImages, collate
+from .data.checks import check_regions
 from .errors import CoderError
 from .stats import bootstrap_means, percentile_interval
 
@@ -440,6 +441,7 @@ def split_datasets(cfg: dict, tokenizer, split: str):
     cap = data["val_max_captions"] if split == data["val_split"] else None
     images = PrecompImages(data["root"], split, captions_per_image=data["captions_per_image"],
                            max_captions=cap, load_clip=data["clip_features"], clip_dim=cfg["model"]["user"]["clip_dim"])
+    check_regions(cfg, images.files.ims_path, images.num_regions, images.region_dim)  # before any encoding
     captions = PrecompCaptions(data["root"], split, tokenizer, max_words=data["max_words"],
                                captions_per_image=data["captions_per_image"], max_captions=cap)
     return images, captions

@@ -310,6 +310,18 @@ def test_region_dim_differs(capsys, config, tmp_path):
     assert f"has {REGION_DIM}-d regions" in err
 
 
+@row("`evaluate.py` on features of another dimension")
+def test_evaluate_on_features_of_another_dimension(capsys, trained, tmp_path):
+    from coder.demo import generate_demo_data
+
+    other = generate_demo_data(tmp_path / "other", seed=0, train_images=IMAGES, dev_images=2, test_images=2,
+                               region_dim=REGION_DIM + 8)
+    code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--set", f"data.root={other}")
+    assert code == 2, err
+    assert_message("`evaluate.py` on features of another dimension", err)
+    assert f"is {REGION_DIM} but {other / 'test_ims.npy'} has {REGION_DIM + 8}-d regions" in err
+
+
 @row("Batch larger than the training set")
 def test_batch_larger_than_data(capsys, config, tmp_path):
     err = train_fails(capsys, config, tmp_path, "train.batch_size=64")

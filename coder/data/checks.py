@@ -16,11 +16,11 @@ def check_against_data(cfg: dict, train_set: PrecompDataset, world: int) -> None
     against the opened training split (`train_set`, with its tokenizer) and `world` processes."""
     data = cfg["data"]
     files = train_set.files
-    _check_regions(cfg, files.ims_path, files.num_regions, files.region_dim)
+    check_regions(cfg, files.ims_path, files.num_regions, files.region_dim)
     for split in (data["val_split"], data["test_split"]):  # cheap: .npy headers only (memory-mapped)
         path = Path(data["root"]) / f"{split}_ims.npy"
         if path.is_file():  # a missing split is named when the evaluation opens it
-            _check_regions(cfg, path, *_open_npy(path, rank=3).shape[1:])
+            check_regions(cfg, path, *_open_npy(path, rank=3).shape[1:])
     _check_sizes(cfg, len(train_set), world)
     limit = getattr(train_set.tokenizer, "model_max_length", None)
     if isinstance(limit, int) and data["max_words"] > limit:
@@ -28,7 +28,8 @@ def check_against_data(cfg: dict, train_set: PrecompDataset, world: int) -> None
                           f"encoder {cfg['model']['text_encoder']} takes")
 
 
-def _check_regions(cfg: dict, path: Path, num_regions: int, region_dim: int) -> None:
+def check_regions(cfg: dict, path: Path, num_regions: int, region_dim: int) -> None:
+    """The region features of `path` fit the model of `cfg` (training's config, or a checkpoint's)."""
     model = cfg["model"]
     if region_dim != model["region_dim"]:
         raise ConfigError(f"config key 'model.region_dim' is {model['region_dim']} but {path} has "
