@@ -13,7 +13,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from coder.data.collate import collate
-from coder.models.aggregators import Lengths
+from coder.lengths import Lengths
 from coder.models.heads import ImageHead, TextHead
 from coder.models.momentum import FeatureQueue
 from coder.models.text import TextBackbone, tiny_bert

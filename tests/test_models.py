@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from coder.models.aggregators import GPO, MaxPool, MeanPool, positional_encoding, valid_mask
+from coder.lengths import valid_mask
+from coder.models.aggregators import GPO, MaxPool, MeanPool, positional_encoding
 from coder.models.heads import ImageHead, TextHead
 from coder.models.text import ModelFileError, TextBackbone, load_text_backbone, resolve_model_dir
 

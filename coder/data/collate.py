@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ..models.aggregators import Lengths
+from ..lengths import Lengths
 
 INDEX_KEYS = ("index", "image_index", "row")
 

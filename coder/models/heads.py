@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aggregators import Lengths, as_lengths, build_aggregator
+from ..lengths import Lengths, as_lengths
+from .aggregators import build_aggregator
 
 
 class ImageHead(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MissingFileError
-from .aggregators import Lengths, as_lengths, valid_mask
+from ..lengths import Lengths, as_lengths, valid_mask
 
 PKG_PREFIX = "pkg://"
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aggregators import Lengths
+from ..lengths import Lengths
 
 
 def injection_weights(regions: Tensor, g: Tensor, lambda_att: float = 1.0) -> Tensor:
