@@ -238,7 +238,7 @@ def test_query_learnable_smoothness():
     assert "log_smoothness" not in dict(fixed.named_parameters())
     assert abs(float(fixed.smoothness) - 10.0) < 1e-5
     learned = ConceptQuery(dim=4, smoothness=10.0, learn_smoothness=True)
-    assert abs(float(learned.smoothness) - 10.0) < 1e-5
+    assert abs(learned.smoothness.item() - 10.0) < 1e-5
     learned(torch.randn(3, 4), torch.nn.functional.normalize(torch.randn(5, 4), dim=1)).sum().backward()
     assert learned.log_smoothness.grad is not None and torch.isfinite(learned.log_smoothness.grad)
     with pytest.raises(ValueError, match="encoder must be one of"):
