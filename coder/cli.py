@@ -36,8 +36,8 @@ from .evaluation import (
     protocol_fold5,
     write_json,
 )
+from .models.bigru import load_text
 from .models.model import build_model
-from .models.text import load_text_backbone
 
 PATH_KEYS = ("model.text_encoder", "model.concept.vocab")  # where files are; the weights stay the checkpoint's
 
@@ -185,7 +185,7 @@ def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
         merge(cfg, nest(keys, value))
     validate(cfg)
     check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
-    bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+    bert, tokenizer = load_text(cfg, ckpt["model"])  # a BiGRU's vocabulary is the checkpoint's
     model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
     model.load_state_dict(ckpt["model"])
     chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in overrides)

@@ -42,6 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "clip_features": False,  # load S_clip.npy (USER's CGE), model.user.clip_dim wide
     },
     "model": {
+        # bert: a pretrained BERT (model.text_encoder; CODER §4.2); bigru: word embeddings + a bidirectional GRU
+        # over a vocabulary of the training captions (model.bigru; VSE-infinity's `bigru` branch)
+        "text_backbone": "bert",
         "text_encoder": "bert-base-uncased",  # local dir, cached HF name, or pkg://<module>/<subdir>
         "embed_dim": 1024,  # F, the joint space (§4.2)
         "region_dim": 2048,
@@ -51,6 +54,15 @@ DEFAULTS: dict[str, Any] = {
         # BERT computes real word-pieces only (packed; attention masks padding as BERT does): the same states
         # up to float rounding, without the padded tokens of a batch padded to its longest caption
         "text_packing": True,
+        "bigru": {  # model.text_backbone bigru; defaults are VSE-infinity's (`bigru` branch, lib/encoders.py)
+            "word_dim": 300,
+            "hidden": 1024,  # per direction; with merge mean (and hidden = embed_dim) the text head has no FC
+            "layers": 1,
+            "merge": "mean",  # mean: the two directions averaged (VSE-infinity) | concat: 2 x hidden wide
+            "min_count": 4,  # training-caption occurrences a word needs to enter the vocabulary (VSE-infinity: 4)
+            "vocab": "",  # a run's vocab.json to reuse; "" = built from data.train_split's captions only
+            "glove": "",  # GloVe text file (glove.840B.300d.txt) for the word vectors; "" = uniform +-0.1
+        },
         "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
             "enabled": False,
             "vocab": "",  # concepts.npz from scripts/build_concepts.py; "" = <data.root>/concepts.npz
@@ -312,6 +324,8 @@ _CHOICES = {
     "data.prepare": ("", "demo"),
     "data.dataset": ("f30k", "coco"),
     "model.concept.query_source": ("heads", "instance"),
+    "model.text_backbone": ("bert", "bigru"),
+    "model.bigru.merge": ("mean", "concat"),
     "train.optimizer": ("adam", "adamw"),
     "train.grad_clip_scope": ("all", "branch"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
@@ -379,6 +393,8 @@ _RANGES = {
     "model.embed_dim": Range(2),  # the image head's MLP is embed_dim / 2 wide (VSE-infinity)
     "model.region_dim": POSITIVE, "model.num_regions": POSITIVE,
     "model.text_layers": Range(1, optional=True, each=int),
+    "model.bigru.word_dim": POSITIVE, "model.bigru.hidden": POSITIVE, "model.bigru.layers": POSITIVE,
+    "model.bigru.min_count": POSITIVE,
     "model.concept.gcn_hidden": POSITIVE, "model.concept.smoothness": POSITIVE,  # lambda of Eq. 2, kept as log
     "model.momentum.m": PROBABILITY,  # m = 1 would never update the key encoders (MoCo)
     "model.momentum.queue_size": POSITIVE,

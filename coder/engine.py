@@ -36,11 +36,12 @@ from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
 from .losses.objective import build_objective
+from .models.bigru import load_text
 from .models.model import build_model
-from .models.text import load_text_backbone
 from .precision import set_deterministic, tf32
 from .runlog import progress_bars
 from .step import ContrastiveStep
+from .vocab import WordVocabulary
 
 
 class NonFiniteLossError(CoderError, RuntimeError):
@@ -201,7 +202,7 @@ class Trainer:
         dist.barrier()  # rank 0 may still be preparing the data (the demo generates it on first use)
         require_split(cfg["data"]["root"], cfg["data"]["train_split"])  # the data before what is derived from it
 
-        bert, self.tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+        bert, self.tokenizer = load_text(cfg, log=print if dist.is_main() else lambda _: None)
         self.model = build_model(cfg, bert).to(self.device)
         self.objective = build_objective(cfg).to(self.device)
         dist.offset_seeds(tcfg["seed"], self.rank)  # parameters identical on every rank, dropout streams not
@@ -224,6 +225,8 @@ class Trainer:
         if dist.is_main():  # after the resume check: a refused resume leaves the run folder as it was
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump(cfg))
+            if isinstance(self.tokenizer, WordVocabulary):  # the BiGRU's (the checkpoints hold it too)
+                self.tokenizer.save(self.out_dir / "vocab.json")
             # purge from the first step not in the checkpoint (steps are logged after their increment, so step
             # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
             self.log = TrainLogger(self.out_dir, purge_step=self.global_step + 1 if self.global_step else None,

@@ -13,3 +13,8 @@ class CoderError(Exception):
 
 class MissingFileError(CoderError, FileNotFoundError):
     """A file the run needs is not there; the message says how to obtain it."""
+
+
+class VocabularyError(CoderError, ValueError):
+    """A word vocabulary or word-vector file (the BiGRU text encoder's) is unreadable, truncated or does not
+    fit the model; the message names the file."""

@@ -21,12 +21,15 @@ class Lengths:
     `max_len`, `min_len`, `total` are Python ints; `distinct` (the sorted distinct lengths) stays on the
     CPU for `pack_padded_sequence`; `lengths`, `inverse` (batch row -> index into `distinct`),
     `distinct_on` (`distinct` on the device) and `real` (flat indices of the real positions of a
-    (B, width) layout, ascending) move with `.to`. A plain class, not a dataclass or NamedTuple, so
+    (B, width) layout, ascending) move with `.to`. For a packed RNN over the rows (the BiGRU text encoder),
+    `descending` (the lengths sorted, longest first) stays on the CPU and `order` (the rows in that order) and
+    `restore` (its inverse) move. A plain class, not a dataclass or NamedTuple, so
     DataLoader and DistributedDataParallel pass it through as it is instead of moving `distinct`.
     """
 
-    __slots__ = ("lengths", "width", "max_len", "min_len", "total", "distinct", "distinct_on", "inverse", "real")
-    MOVED = ("lengths", "distinct_on", "inverse", "real")
+    __slots__ = ("lengths", "width", "max_len", "min_len", "total", "distinct", "distinct_on", "inverse", "real",
+                 "descending", "order", "restore")
+    MOVED = ("lengths", "distinct_on", "inverse", "real", "order", "restore")
 
     def __init__(self, lengths: Tensor, width: int | None = None):
         cpu = lengths.detach().to("cpu", torch.long)  # one read-back when `lengths` lives on a device
@@ -41,6 +44,8 @@ class Lengths:
         self.inverse = inverse.to(lengths.device)
         self.distinct_on = self.distinct.to(lengths.device)
         self.real = valid_mask(cpu, self.width).flatten().nonzero().squeeze(1).to(lengths.device)
+        self.descending, order = torch.sort(cpu, descending=True, stable=True)
+        self.order, self.restore = order.to(lengths.device), torch.argsort(order).to(lengths.device)
 
     @property
     def device(self) -> torch.device:

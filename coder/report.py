@@ -31,8 +31,8 @@ from .config import ConfigError, concept_vocab_path, from_dict, merge, nest, par
 from .data import collate, tokenize_caption
 from .errors import CoderError
 from .evaluation import encode_split, split_datasets
+from .models.bigru import load_text
 from .models.model import build_model
-from .models.text import load_text_backbone
 
 DIRECTIONS = ("i2t", "t2i")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
@@ -394,7 +394,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device="cp
                               f"model.text_encoder, not '{'.'.join(keys)}'")
         merge(cfg, nest(keys, value))
     validate(cfg)
-    bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
+    bert, tokenizer = load_text(cfg, ckpt["model"])  # a BiGRU's vocabulary is the checkpoint's
     inference_cfg = copy.deepcopy(cfg)
     inference_cfg["model"]["momentum"]["enabled"] = False
     model = build_model(inference_cfg, bert).to(device)

@@ -41,8 +41,11 @@ def tokenize_caption(tokenizer, caption: str, max_words: int, corruption: float 
 
     Words are the fast tokenizer's pre-tokenised words (`word_ids()`), so a word split into several
     word-pieces is masked, randomised or deleted as a whole. Raises ValueError when the caption yields
-    no word-piece (the datasets re-raise it naming the captions file and line).
+    no word-piece (the datasets re-raise it naming the captions file and line). A word vocabulary (the
+    BiGRU's, coder/vocab.py) encodes the caption itself, words corrupted the same way.
     """
+    if hasattr(tokenizer, "encode_caption"):
+        return tokenizer.encode_caption(caption, max_words, corruption, rng)
     if max_words < 3:
         raise ValueError(f"max_words must be >= 3 ([CLS], one word-piece, [SEP]), got {max_words}")
     if not 0.0 <= corruption <= 1.0:

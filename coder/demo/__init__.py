@@ -4,6 +4,8 @@ loop never imports this package; `train.py` calls `prepare` when a config says `
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import concept_vocab_path
 from .glove import ensure_demo_concepts, export_demo_glove
 from .scenes import demo_is_current, ensure_demo_data, generate_demo_data
@@ -18,3 +20,6 @@ def prepare(cfg: dict) -> None:
     ensure_demo_data(root, region_dim=cfg["model"]["region_dim"])
     if cfg["model"]["concept"]["enabled"]:
         ensure_demo_concepts(root, concept_vocab_path(cfg))
+    glove = cfg["model"]["bigru"]["glove"]
+    if cfg["model"]["text_backbone"] == "bigru" and glove and not Path(glove).is_file():
+        export_demo_glove(Path(root) / "train_caps.txt", glove)  # the BiGRU's word vectors: training words

@@ -43,11 +43,15 @@ class ImageHead(nn.Module):
 
 
 class TextHead(nn.Module):
-    """Token states (B, T, H) -> Linear(H -> F) -> aggregator -> L2."""
+    """Token states (B, T, H) -> Linear(H -> F) -> aggregator -> L2. Without `project` (H = F) there is no
+    Linear: VSE-infinity's BiGRU encoder pools the GRU's states directly (`bigru` branch, EncoderText)."""
 
-    def __init__(self, hidden_dim: int = 768, embed_dim: int = 1024, aggregator: str = "gpo"):
+    def __init__(self, hidden_dim: int = 768, embed_dim: int = 1024, aggregator: str = "gpo", project: bool = True):
         super().__init__()
-        self.fc = nn.Linear(hidden_dim, embed_dim)
+        if not project and hidden_dim != embed_dim:
+            raise ValueError(f"TextHead without projection needs hidden_dim == embed_dim, got {hidden_dim} and "
+                             f"{embed_dim}")
+        self.fc = nn.Linear(hidden_dim, embed_dim) if project else nn.Identity()
         self.aggregate = build_aggregator(aggregator)
 
     def forward(self, token_states: Tensor, lengths: Tensor | Lengths) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..concepts import load_concepts
 from ..config import ConfigError, concept_vocab_path
+from .bigru import BiGRUBackbone
 from .concept import ConceptGCN, ConceptQuery, normalized_adjacency
 from .heads import ImageHead, TextHead
 from .momentum import MomentumContrast
@@ -138,6 +139,11 @@ def build_image_encoder(cfg: dict) -> ImageEncoder:
 
 
 def build_text_encoder(cfg: dict, bert: nn.Module) -> TextEncoder:
+    """`bert` is a BertModel, or a BiGRUBackbone (model.text_backbone bigru) used as it is; the BiGRU's states
+    are pooled without a Linear when they are embed_dim wide, as VSE-infinity's BiGRU encoder does."""
+    if isinstance(bert, BiGRUBackbone):
+        project = bert.hidden_dim != cfg["embed_dim"]
+        return TextEncoder(bert, TextHead(bert.hidden_dim, cfg["embed_dim"], cfg["aggregator"], project))
     backbone = TextBackbone(bert, cfg["text_packing"])
     return TextEncoder(backbone, TextHead(backbone.hidden_dim, cfg["embed_dim"], cfg["aggregator"]))
 
