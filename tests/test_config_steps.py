@@ -26,7 +26,8 @@ CODER_FULL = {"instance", "memory", "concept", "pgc"}  # Eq. 8
 NO_MDCL = {"instance", "concept", "pgc"}
 EXPECTED = {
     "f30k_coder": CODER_FULL, "coco_coder": CODER_FULL, "demo": CODER_FULL,
-    "f30k_vse": {"instance"}, "coco_vse": {"instance"},
+    "f30k_vse": {"instance"}, "coco_vse": {"instance"}, "f30k_vse_bigru": {"instance"}, "coco_vse_bigru": {"instance"},
+    "f30k_coder_bigru": CODER_FULL, "coco_coder_bigru": CODER_FULL, "demo_bigru": CODER_FULL,
     "table2_row1_btr": {"instance"}, "table2_row2_dcl": {"instance"}, "table2_row3_mdcl": {"instance", "memory"},
     "table2_row4_concept_dcl": {"instance", "memory", "concept"}, "table2_row5_pgc": CODER_FULL,
     "table3_row1_ie": NO_MDCL, "table3_row2_ie_ee": NO_MDCL, "table3_row3_ie_ee_mb": NO_MDCL,
@@ -40,7 +41,8 @@ EXPECTED = {
 
 # Which instance loss each row runs (Table 2 #1 and the VSE baselines: triplet; Table 3's "IE" rows: the
 # implicit DCL of Eq. 4; USER: UTO; everything else Eq. 5), checked on the functions the step really calls.
-INSTANCE_LOSS = {"f30k_vse": "triplet", "coco_vse": "triplet", "table2_row1_btr": "triplet",
+INSTANCE_LOSS = {"f30k_vse": "triplet", "coco_vse": "triplet", "f30k_vse_bigru": "triplet", "coco_vse_bigru": "triplet",
+                 "table2_row1_btr": "triplet",
                  "table3_row1_ie": "dcl_implicit", "table3_row4_ie_mdcl": "dcl_implicit",
                  "f30k_user": "uto", "coco_user": "uto", "demo_user": "uto"}
 
@@ -117,7 +119,8 @@ def tiny_overrides(root: Path, vocab: Path, bert: str) -> list[str]:
     return [f"data.root={root}", "data.num_workers=0", f"model.text_encoder={bert}",
             "model.region_dim=16", "model.embed_dim=32", f"model.concept.vocab={vocab}",
             "model.momentum.queue_size=16", "cluster.k=4", "cluster.iters=3", "train.batch_size=8",
-            "train.max_steps_per_epoch=1", "train.epochs=1", "train.device=cpu", "eval.batch_size=20"]
+            "train.max_steps_per_epoch=1", "train.epochs=1", "train.device=cpu", "eval.batch_size=20",
+            "model.bigru.word_dim=8", "model.bigru.hidden=32"]  # BiGRU configs: as wide as the tiny GloVe, F
 
 
 def record_logged_terms(trainer: Trainer) -> list[dict[str, float]]:
@@ -154,6 +157,8 @@ def check_step(logged: list[dict[str, float]], expected: set[str], where: str) -
 def test_config_trains_one_step(path, tiny_data, tiny_bert_dir, tmp_path, monkeypatch):
     root, vocab = tiny_data
     cfg = load_config(path, tiny_overrides(root, vocab, tiny_bert_dir))
+    if cfg["model"]["bigru"]["glove"]:  # a BiGRU config that names word vectors gets the tiny GloVe file
+        cfg["model"]["bigru"]["glove"] = str(root / "glove.tiny.8d.txt")
     expected = EXPECTED.get(path.stem, expected_terms(cfg))
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     calls = spy_losses(monkeypatch)
