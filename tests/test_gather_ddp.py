@@ -1,4 +1,5 @@
-"""`train.gather_batch`: two gloo processes of batch 4 train like one process of batch 8.
+"""`train.gather_batch`: two gloo processes of batch 4 train like one process of batch 8 (BERT, and the BiGRU
+text encoder of model.text_backbone bigru).
 
 Full CODER (instance DCL with batch + bank diversity, M-DCL masking the own image, concept DCL, PGC) on a
 tiny random model. Each rank takes the rows DistributedSampler would give it (r, r + 2, ...). Under DDP
@@ -15,9 +16,11 @@ from torch import nn
 
 from coder.config import load_config
 from coder.losses.objective import build_objective
+from coder.models.bigru import BiGRUBackbone
 from coder.models.model import build_itr_model
 from coder.models.text import tiny_bert
 from coder.step import ContrastiveStep
+from coder.vocab import SPECIALS, WordVocabulary
 from tests.ddp import join_group, leave_group, spawn
 
 WORLD, BATCH = 2, 8
@@ -27,13 +30,20 @@ OVERRIDES = ["model.region_dim=16", "model.num_regions=5", "model.embed_dim=24",
 
 
 
-def build(gather: bool) -> ContrastiveStep:
+def text_backbone(text: str) -> nn.Module:
+    if text == "bert":
+        return tiny_bert(vocab_size=100)
+    vocab = WordVocabulary([*SPECIALS, *(f"w{i}" for i in range(100 - len(SPECIALS)))])
+    return BiGRUBackbone(vocab, word_dim=8, hidden=24)  # 24 = embed_dim: pooled without a Linear
+
+
+def build(gather: bool, text: str = "bert") -> ContrastiveStep:
     cfg = load_config(None, OVERRIDES)
     rng = np.random.default_rng(0)
     concepts = {"counts": rng.integers(1, 9, 7), "cooccurrence": np.ones((7, 7)) - np.eye(7),
                 "glove": rng.normal(size=(7, 6)).astype(np.float32)}
     torch.manual_seed(0)
-    model = build_itr_model(cfg["model"], tiny_bert(vocab_size=100), concepts)
+    model = build_itr_model(cfg["model"], text_backbone(text), concepts)
     return ContrastiveStep(model, build_objective(cfg), gather_batch=gather).eval()
 
 
@@ -63,9 +73,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         batch, labels = data()
         rows = torch.arange(rank, BATCH, WORLD)  # DistributedSampler's share of one global batch
         mine = {k: v[rows] for k, v in batch.items()}
-        for gather in (True, False):
-            step = nn.parallel.DistributedDataParallel(build(gather), find_unused_parameters=True)
-            torch.save(loss_and_grads(step, mine, labels[rows]), os.path.join(out_dir, f"{gather}_rank{rank}.pth"))
+        for gather, text in ((True, "bert"), (False, "bert"), (True, "bigru")):
+            step = nn.parallel.DistributedDataParallel(build(gather, text), find_unused_parameters=True)
+            torch.save(loss_and_grads(step, mine, labels[rows]),
+                       os.path.join(out_dir, f"{gather}_{text}_rank{rank}.pth"))
     finally:
         leave_group()
 
@@ -75,14 +86,18 @@ def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gather")
     spawn(worker, WORLD, out_dir)
     batch, labels = data()
-    single = loss_and_grads(build(False), batch, labels)
+    single = {text: loss_and_grads(build(False, text), batch, labels) for text in ("bert", "bigru")}
     load = lambda name: torch.load(out_dir / name, weights_only=True)  # noqa: E731
-    return single, {g: [load(f"{g}_rank{r}.pth") for r in range(WORLD)] for g in (True, False)}
+    return single, {key: [load(f"{key[0]}_{key[1]}_rank{r}.pth") for r in range(WORLD)]
+                    for key in ((True, "bert"), (False, "bert"), (True, "bigru"))}
 
 
-def test_two_gathered_processes_equal_one_process_of_the_global_batch(runs):
+@pytest.mark.parametrize("text", ["bert", "bigru"])
+def test_two_gathered_processes_equal_one_process_of_the_global_batch(runs, text):
     single, ranks = runs
-    for rank in ranks[True]:
+    single = single[text]
+    assert any("text_encoder.backbone.gru." in name for name in single["grads"]) == (text == "bigru")
+    for rank in ranks[True, text]:
         torch.testing.assert_close(rank["loss"], single["loss"], rtol=1e-5, atol=1e-6)
         assert rank["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
@@ -91,4 +106,4 @@ def test_two_gathered_processes_equal_one_process_of_the_global_batch(runs):
 
 def test_without_gathering_each_process_sees_only_its_own_rows(runs):
     single, ranks = runs
-    assert all(not torch.allclose(rank["loss"], single["loss"], rtol=1e-3) for rank in ranks[False])
+    assert all(not torch.allclose(rank["loss"], single["bert"]["loss"], rtol=1e-3) for rank in ranks[False, "bert"])
