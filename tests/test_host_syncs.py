@@ -114,6 +114,19 @@ def test_a_full_coder_step_syncs_at_most_twice(coder_trainer):
     assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
 
 
+def test_a_bigru_coder_step_never_syncs(tiny_coder_data, tiny_bert_dir, tmp_path):
+    """Full CODER with the BiGRU text encoder: packing takes its order and lengths from collate (the CPU), so
+    the step reads nothing back."""
+    cfg = tiny("configs/demo_bigru.yaml", tiny_coder_data, tiny_bert_dir,
+               f"model.concept.vocab={tiny_coder_data / 'concepts.npz'}", "cluster.k=7", "model.bigru.word_dim=8",
+               "model.bigru.hidden=16", "model.bigru.glove=", "model.bigru.min_count=1")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.update_clusters(1)
+    assert type(trainer.model.text_encoder.backbone).__name__ == "BiGRUBackbone"
+    syncs = per_step_syncs(trainer, 1)
+    assert not syncs, dict(syncs)
+
+
 def test_a_user_step_syncs_at_most_twice(tiny_coder_data, tiny_bert_dir, tmp_path):
     cfg = tiny("configs/demo_user.yaml", tiny_coder_data, tiny_bert_dir, "data.clip_features=false",
                "model.user.cge=false")
