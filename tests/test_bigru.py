@@ -293,3 +293,24 @@ def test_resume_after_an_epoch_reproduces_the_uninterrupted_run(small_bigru_data
     a, b = (torch.load(tmp_path / run / "checkpoint_last.pth", weights_only=True)["model"] for run in ("full", "part"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_half_precision_steps_train_the_bigru(mode, tiny_coder_data, tmp_path):
+    """train.amp with the BiGRU (CPU autocast rounds as CUDA's does): finite steps that move the GRU."""
+    root = tiny_coder_data
+    cfg = load_config("configs/demo_bigru.yaml", [
+        f"data.root={root}", "data.prepare=", "model.region_dim=16", "model.embed_dim=16", "model.bigru.word_dim=8",
+        "model.bigru.hidden=16", "model.bigru.glove=", "model.bigru.min_count=1",
+        f"model.concept.vocab={root / 'concepts.npz'}", "model.momentum.queue_size=16", "cluster.k=7",
+        "train.batch_size=8", "train.max_steps_per_epoch=2", "train.epochs=1", "train.device=cpu",
+        "eval.batch_size=20", f"train.amp={mode}", "train.log_every=1"])
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    before = trainer.model.text_encoder.backbone.gru.weight_hh_l0.detach().clone()
+    losses = []
+    log_step = trainer._log_step
+    trainer._log_step = lambda loss, *rest: (losses.append(loss.item()), log_step(loss, *rest))
+    trainer.train_epoch(0)
+    trainer.log.close()
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    assert not torch.equal(trainer.model.text_encoder.backbone.gru.weight_hh_l0, before)
