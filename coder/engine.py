@@ -188,6 +188,13 @@ def evaluate_best_model(model, cfg: dict, tokenizer, out_dir: Path, device, prog
     return result
 
 
+def write_run_files(out_dir: Path, cfg: dict, tokenizer) -> None:
+    """config.yaml, and the BiGRU's word vocabulary as vocab.json (its checkpoints hold it too)."""
+    (out_dir / "config.yaml").write_text(dump(cfg))
+    if isinstance(tokenizer, WordVocabulary):
+        tokenizer.save(out_dir / "vocab.json")
+
+
 # -------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: dict, output_dir: str | Path, resume: str | None = None, progress: bool = True):
@@ -224,9 +231,7 @@ class Trainer:
         self.log = TrainLogger(None)
         if dist.is_main():  # after the resume check: a refused resume leaves the run folder as it was
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump(cfg))
-            if isinstance(self.tokenizer, WordVocabulary):  # the BiGRU's (the checkpoints hold it too)
-                self.tokenizer.save(self.out_dir / "vocab.json")
+            write_run_files(self.out_dir, cfg, self.tokenizer)
             # purge from the first step not in the checkpoint (steps are logged after their increment, so step
             # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
             self.log = TrainLogger(self.out_dir, purge_step=self.global_step + 1 if self.global_step else None,
