@@ -234,18 +234,20 @@ def _stub(name: str, attrs: tuple[str, ...]) -> None:  # Q1
         sys.modules[name] = mod
 
 
-def import_peer(path: Path, names: list[str]) -> types.SimpleNamespace:
+def import_peer(path: Path, names: list[str], patch: bool = True) -> types.SimpleNamespace:
     """Import modules `names` from the checkout `path`, first removing every module another checkout left in
-    sys.modules (the peers all call their package `lib`). Returns the modules by their last name part."""
+    sys.modules (the peers all call their package `lib`); `patch` applies Q1 and Q4 first. Returns the modules
+    by their last name part."""
     path = Path(path).resolve()
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None) or ""
         if name.split(".")[0] in ("lib", "util", "arguments", "model_CVSE", "train") and str(path) not in f:
             del sys.modules[name]
-    for name, attrs in STUBS.items():
-        _stub(name, attrs)
-    if not hasattr(np, "int"):
-        np.int = int  # Q4
+    if patch:
+        for name, attrs in STUBS.items():
+            _stub(name, attrs)
+        if not hasattr(np, "int"):
+            np.int = int  # Q4
     sys.path.insert(0, str(path))
     try:
         mods = {}
