@@ -397,7 +397,14 @@ def vse_rows(peer: Peer, path: Path) -> list[Row]:
     rows.append(compare("EncoderImageAggr, train mode, padded", label, ours, theirs, IMAGE_HEAD_MAP,
                         lambda: ours(a, lens), lambda: theirs(b, lens), F32, inputs=((a, b),),
                         unmapped_peer=IMAGE_HEAD_UNUSED, departure=True,
-                        note="our MLP's BatchNorm sees real regions only; the peer's also the zero padding"))
+                        note="our MLP's BatchNorm sees real regions only; the peer's also the zero padding "
+                             "(model.mlp_bn_padding: true restores it, next row)"))
+    ours.bn_padding = True
+    a, b = _leaf_pair(regions)
+    rows.append(compare("EncoderImageAggr, train mode, padded, model.mlp_bn_padding: true", label, ours, theirs,
+                        IMAGE_HEAD_MAP, lambda: ours(a, lens), lambda: theirs(b, lens), F32, inputs=((a, b),),
+                        unmapped_peer=IMAGE_HEAD_UNUSED))
+    rows += vse_init_rows(P, label, dim, embed)
 
     # the BERT text encoder with its projection and GPO (a tiny random BERT, copied); eval mode: no dropout
     bert = tiny_bert(vocab_size=100, hidden=16, layers=2, heads=2).double()
@@ -415,6 +422,26 @@ def vse_rows(peer: Peer, path: Path) -> list[Row]:
 
     rows += vse_loss_rows(P, label, gen)
     rows += vse_schedule_rows(P, path, label)
+    return rows
+
+
+def vse_init_rows(P, label: str, dim: int, embed: int) -> list[Row]:
+    """The image encoder's initial weights from the same seed: with model.image_fc_init: xavier ours draws what
+    the peer draws (the same layers in the same order, FC redrawn last); PyTorch's default FC init is a
+    departure."""
+    from coder.models.heads import ImageHead
+    rows = []
+    for init in ("xavier", "torch"):
+        torch.manual_seed(11)
+        ours = ImageHead(dim, embed, "gpo", fc_init=init)
+        torch.manual_seed(11)
+        theirs = P.encoders.EncoderImageAggr(dim, embed, "basic")
+        mine, peers = _tensors(ours), _tensors(theirs)
+        diff = max(max_abs(mine[m.ours], peers[m.peers[0]]) for m in IMAGE_HEAD_MAP)
+        rows.append(Row(f"EncoderImageAggr initial weights from one seed, model.image_fc_init: {init}", label, diff,
+                        0.0, 1e-6, departure=init == "torch",
+                        note="float32: the same draws"
+                        if init == "xavier" else "PyTorch's default FC init (kaiming-uniform weights, non-zero bias)"))
     return rows
 
 

@@ -47,6 +47,12 @@ DEFAULTS: dict[str, Any] = {
         "region_dim": 2048,
         "num_regions": 36,  # L (§4.2); USER's SGE needs exactly this many
         "aggregator": "gpo",  # gpo | mean | max (VSE-infinity's heads, CODER §3.2)
+        # the image head's FC initialisation: torch = PyTorch's default; xavier = VSE-infinity's (uniform Xavier,
+        # zero bias; EncoderImageAggr.init_weights)
+        "image_fc_init": "torch",
+        # the image head MLP's BatchNorm: false = real regions only (our choice: statistics independent of the
+        # padding region dropout leaves); true = every row, padding included, as VSE-infinity's MLP
+        "mlp_bn_padding": False,
         "text_layers": None,  # keep only the first N transformer layers (None = all)
         # BERT computes real word-pieces only (packed; attention masks padding as BERT does): the same states
         # up to float rounding, without the padded tokens of a batch padded to its longest caption
@@ -325,10 +331,11 @@ def choices() -> dict[str, tuple]:
     from .losses.objective import INSTANCE_LOSSES
     from .models.aggregators import AGGREGATORS
     from .models.concept import CONCEPT_ENCODERS, CONCEPT_SCORES
+    from .models.heads import FC_INITS
 
-    return {**_CHOICES, "model.aggregator": tuple(AGGREGATORS), "model.concept.encoder": CONCEPT_ENCODERS,
-            "model.concept.score": CONCEPT_SCORES, "loss.instance": tuple(INSTANCE_LOSSES),
-            "loss.dcl_positive": POSITIVE_FORMS}
+    return {**_CHOICES, "model.aggregator": tuple(AGGREGATORS), "model.image_fc_init": FC_INITS,
+            "model.concept.encoder": CONCEPT_ENCODERS, "model.concept.score": CONCEPT_SCORES,
+            "loss.instance": tuple(INSTANCE_LOSSES), "loss.dcl_positive": POSITIVE_FORMS}
 
 
 def get(cfg: dict, dotted: str) -> Any:
