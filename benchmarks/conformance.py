@@ -803,6 +803,16 @@ def cvse_rows(peer: Peer, path: Path) -> list[Row]:
                                  theirs["t"](tb, normalize(yb, dim=-1), "textual", labels, 0)[0]), F64,
                         inputs=((va, vb), (ta, tb), (ya, yb)),
                         note="gradients: ours against the sum of the two modules'"))
+    # after that training step, eval mode: the shared BatchNorms' running statistics mix both modalities
+    ours.eval(), theirs.eval()
+    rows.append(compare("shared query (share_query), eval mode after one training step", label, ours, theirs,
+                        consensus_map(("v.", "t.")), lambda: (ours(qv, normalize(basis_raw, dim=-1)),
+                                                              ours(qt, normalize(basis_raw, dim=-1))),
+                        lambda: (theirs["v"](qv, normalize(basis_raw, dim=-1), "visual", None, 0)[0],
+                                 theirs["t"](qt, normalize(basis_raw, dim=-1), "textual", labels, 0)[0]), F64,
+                        copy=False, departure=True,
+                        note="one set of running statistics, updated by both modalities' queries, against CVSE's "
+                             "one per modality (share_query: false has CVSE's)"))
 
     # the branch as CODER uses it with query_source instance: GCN basis, then each modality's module
     torch.manual_seed(10)
