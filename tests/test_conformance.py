@@ -161,3 +161,21 @@ def test_real_peer_conforms(peer, capsys):
     if not os.environ.get(peer.env):
         pytest.skip(f"{peer.env} is not set")
     assert C.main(["--only", peer.key]) == 0, capsys.readouterr().out
+
+
+def test_training_comparison_reads_curves_and_draws_them(tmp_path):
+    """benchmarks/conformance_training.py's bookkeeping (the runs themselves take minutes): dev R@sum per epoch
+    from our train.log, mean and spread per epoch over seeds, and the SVG of both sides' curves."""
+    import conformance_training as CT
+    run = tmp_path / "ours_seed0"
+    run.mkdir()
+    (run / "train.log").write_text(
+        "epoch 0 (of 2) | loss 1.0 | dev R@sum 237.4 | best 237.4 (epoch 0) | 1.0 s, 1.0 s elapsed\n"
+        "epoch 1 (of 2) | loss 0.4 | dev R@sum 301.0 | best 301.0 (epoch 1) | 1.0 s, 3.0 s elapsed\n")
+    assert CT._dev_rsums(run) == [237.4, 301.0]
+    mean_sd = CT.summary({0: [1.0, 4.0], 1: [3.0, 8.0]})
+    assert mean_sd[0] == (2.0, pytest.approx(2 ** 0.5)) and mean_sd[1][0] == 6.0
+    svg = tmp_path / "curves.svg"
+    CT.svg({"ours": {"0": [1.0, 4.0], "1": [3.0, 8.0]}, "peer": {"0": [2.0, 5.0]}}, svg)
+    text = svg.read_text()
+    assert text.startswith("<svg") and text.count("<polyline") == 5  # three seeds' curves and two means
