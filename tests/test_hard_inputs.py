@@ -638,7 +638,7 @@ def two_epoch_run(tmp_path, data, tiny_bert_dir):
 
 @row("Non-finite loss")
 def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, two_epoch_run):
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     config, out = two_epoch_run
     forward, seen = Objective.forward, {}

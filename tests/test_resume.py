@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, {repo!r})
 import coder.engine as engine  # noqa: E402
-from coder.losses.objective import Objective  # noqa: E402
+from coder.step import Objective  # noqa: E402
 import train  # noqa: E402
 
 KILL_AT, MARKER = os.environ["KILL_AT"], Path(os.environ["KILL_MARKER"])

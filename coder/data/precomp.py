@@ -14,11 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .text import tokenize_caption
-from ..errors import CoderError
-
-
-class DataError(CoderError, ValueError):
-    """A data file is missing or malformed; the message names the file and the row/line/shape at fault."""
+from ..errors import DataError
 
 
 def _expected_tree(root: Path, split: str) -> str:
