@@ -4,7 +4,7 @@ Full CODER (instance DCL with batch + bank diversity, M-DCL masking the own imag
 tiny random model. Each rank takes the rows DistributedSampler would give it (r, r + 2, ...). Under DDP
 with gathering, the loss and every parameter gradient must equal a single process's on all 8 rows;
 without gathering they must not. The model runs in eval mode so dropout and BatchNorm are deterministic
-(BatchNorm statistics are per process on CPU, see the README's Multi-GPU section).
+(BatchNorm statistics are per process on CPU, see docs/gpu.md, Multi-GPU).
 """
 import os
 

@@ -1,5 +1,5 @@
-"""The code's shape as the README's Layout promises it: small functions and classes, the step's banks owned
-by coder/step.py alone, and a library that leaves the user's process environment as it found it."""
+"""The code's shape as the Layout (README, docs/layout.md) promises it: small functions and classes, the step's
+banks owned by coder/step.py alone, and a library that leaves the user's process environment as it found it."""
 import ast
 import os
 import subprocess
