@@ -159,3 +159,13 @@ def test_zero_regions_stop_training_with_one_line(tree):
     with pytest.raises(DataError, match=r"train_ims\.npy: shape \(10, 0, 8\) holds no region features"):
         dataset = PrecompDataset(tree, "train", None, train=True, region_dropout=0.2, word_corruption=0.0)
         dataset[0]
+
+
+def test_ids_unique_per_caption_row_are_not_checked_for_alignment(tree, capsys):
+    """A per-caption-row file whose ids label rows (all distinct) passes; only repeated ids are image ids."""
+    rewrite_ims(tree, "dev", lambda a: np.repeat(a, 5, axis=0))
+    np.save(tree / "dev_clip.npy", np.repeat(np.load(tree / "dev_clip.npy"), 5, axis=0))
+    (tree / "dev_ids.txt").write_text("".join(f"row{r}\n" for r in range(25)))
+    status, lines = run(tree, capsys)
+    assert status == 0, lines
+    assert "one row per caption" in next(line for line in lines if line.startswith("dev "))
