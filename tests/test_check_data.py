@@ -169,3 +169,12 @@ def test_ids_unique_per_caption_row_are_not_checked_for_alignment(tree, capsys):
     status, lines = run(tree, capsys)
     assert status == 0, lines
     assert "one row per caption" in next(line for line in lines if line.startswith("dev "))
+
+
+def test_all_zero_row_is_a_warning_naming_the_file(tree, capsys):
+    """A detector or converter that left an image empty: the tree still trains, the report says where."""
+    rewrite_ims(tree, "test", set_value(3, 0.0))
+    status, lines = run(tree, capsys)
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert status == 0 and len(warnings) == 1, lines
+    assert f"{tree / 'test_ims.npy'}: 1 sampled row(s) are all zero (first: row 3)" in warnings[0]

@@ -87,7 +87,7 @@ def sample_rows(num_rows: int, sample: int | None) -> np.ndarray:
 
 def check_finite_sample(files: PrecompSplit, sample: int | None) -> int:
     """Non-finite values in the sampled rows of `files`' features raise a DataError naming file and row.
-    Returns how many rows were read. All-zero rows are counted by `zero_rows`."""
+    Returns how many rows were read."""
     if sample is None:
         check_finite_rows(files.features, files.ims_path)
         return files.num_rows
@@ -98,7 +98,9 @@ def check_finite_sample(files: PrecompSplit, sample: int | None) -> int:
 
 
 def zero_rows(files: PrecompSplit, sample: int | None) -> list[int]:
-    rows = sample_rows(files.num_rows, sample)
+    """All-zero rows among the sampled ones (a warning: a detector may leave an image empty); with --full too,
+    only a sample is looked at (512 rows), since the finite check has already read every row."""
+    rows = sample_rows(files.num_rows, sample or 512)
     return [int(r) for r in rows if not np.any(files.features[int(r)])]
 
 
