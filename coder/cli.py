@@ -50,7 +50,7 @@ EVAL_HELP = """Evaluate a checkpoint: `python evaluate.py --checkpoint runs/f30k
 
 Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output).
 
-Evidence on one test split (see README, "Evaluation"):
+Evidence on one test split (see docs/evaluation.md):
   --compare B.pth      paired bootstrap of ΔR@1/5/10 (i2t, t2i) and ΔR@sum, this checkpoint minus B, with 95%
                        percentile intervals: the test images are resampled with replacement, each with its
                        captions (i2t queries are images, t2i queries captions; one image's captions share

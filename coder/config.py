@@ -23,7 +23,8 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["SCHEMA", "DEFAULTS", "Key", "Range", "ConfigError", "load_config", "from_dict", "validate", "merge",
-           "nest", "parse_override", "register_key", "check_choice", "check_range", "concept_vocab_path", "dump", "get", "key_table"]
+           "nest", "parse_override", "register_key", "check_choice", "check_range", "concept_vocab_path", "dump", "get",
+           "key_table"]
 
 
 @dataclass(frozen=True)

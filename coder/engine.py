@@ -1,4 +1,4 @@
-"""The training loop (CODER §4.2; resume as the README describes): one readable file.
+"""The training loop (CODER §4.2; resume as docs/training.md describes): one readable file.
 
 `Trainer(cfg, output_dir).fit()` trains, validates on dev every epoch, keeps the best model by dev R@sum
 (fused score), writes atomic checkpoints, resumes exactly (`resume="auto"`), and finally evaluates the
