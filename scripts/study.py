@@ -52,8 +52,10 @@ from pathlib import Path
 import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
+from coder.checkpoint import upgrade_config
 from coder.config import ConfigError, load_config
 from coder.stats import paired_t_interval
+from coder.step import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "studies.md"  # the page whose blocks the study tables are (--docs without a file)
@@ -121,7 +123,7 @@ def check_configs(study: dict, path: Path) -> None:
         if "rescore" in run:
             continue  # evaluate.py checks its overrides against the checkpoint's config
         try:
-            load_config(REPO / run["config"], run["set"])
+            check_config(load_config(REPO / run["config"], run["set"], upgrade=upgrade_config))
         except ConfigError as err:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): {err}") from err
 

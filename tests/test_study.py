@@ -100,15 +100,17 @@ def test_shipped_study_files_resolve(path):
     study.check_configs(study.load_study(path), path)
 
 
-def test_a_mistyped_override_stops_the_study_before_any_run(tmp_path, capsys):
+@pytest.mark.parametrize("typo,key", [("train.grad_clip_scop=all", "train.grad_clip_scop"),
+                                      ("loss.instance=hinge", "loss.instance")])  # a name a registry owns
+def test_a_mistyped_override_stops_the_study_before_any_run(tmp_path, capsys, typo, key):
     bad = tmp_path / "typo.yaml"
     bad.write_text(json.dumps({"runs": [
         # were it started, this entry would fail at once (no data there) rather than train for minutes
         {"name": "fine", "config": "configs/demo.yaml", "set": [f"data.root={tmp_path / 'none'}", "data.prepare="]},
-        {"name": "typo", "config": "configs/demo.yaml", "set": ["train.grad_clip_scop=all"]}]}))
+        {"name": "typo", "config": "configs/demo.yaml", "set": [typo]}]}))
     assert study.main([str(bad), "--out", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert "runs[1] ('typo')" in err and "train.grad_clip_scop" in err
+    assert "runs[1] ('typo')" in err and key in err
     assert not (tmp_path / "runs").exists()  # the valid entry before it did not start either
 
 
