@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 # ---------------------------------------------------------------------------------- older versions, upgraded
 # keys of older versions, dropped when a saved config is read (their job moved or they did nothing)
-RETIRED_KEYS = ("method", "loss.uto_lambda", "data.demo", "data.demo_train_images", "data.demo_dev_images",
+RETIRED_KEYS = ("method", "loss.uto_lambda", "data.demo_train_images", "data.demo_dev_images",
                 "data.demo_test_images", "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
 # keys added later whose default changed what the code did: a saved config written before the key existed gets
 # the older behaviour, so its run resumes as it started
@@ -124,6 +124,8 @@ def saved_config(data: dict) -> dict:
         node, last = _holder(data, dotted)
         if node is not None:
             node.pop(last, None)
+    if isinstance(data.get("data"), dict) and isinstance(data["data"].get("demo"), bool):
+        del data["data"]["demo"]  # once a switch (data.prepare's job now); the generated world's settings since
     return from_dict(upgrade_config(data))
 
 

@@ -96,6 +96,14 @@ SCHEMA: dict[str, Key] = {
                             "CPUs but one (<= 8)", NON_NEGATIVE, auto=True),
     "data.prepare": Key("", "demo: train.py writes the embedded demo data into data.root on first use", ("", "demo")),
     "data.clip_features": Key(False, "load S_clip.npy (USER's CGE), model.user.clip_dim wide"),
+    # the generated world of data.prepare: demo (coder/demo/scenes.py); the shipped demo is the defaults
+    "data.demo.seed": Key(0, "the generated world's seed (scenes, prototypes, captions)", Range(0, 2**31 - 1)),
+    "data.demo.train_images": Key(1000, "training images of the generated world (5 captions each)",
+                                  Range(1, 10**7, high_open=True)),
+    "data.demo.dev_images": Key(1000, "dev images of the generated world", Range(1, 10**7, high_open=True)),
+    "data.demo.test_images": Key(1000, "test images of the generated world", Range(1, 10**7, high_open=True)),
+    "data.demo.noise_std": Key(1.5, "Gaussian noise per region (norm), the generated world's difficulty",
+                               Range(0, 1e6, high_open=True)),
     # ----------------------------------------------------------------------------------------------- model
     "model.text_encoder": Key("bert-base-uncased", "local BERT folder, cached Hugging Face name, or "
                               "pkg://<module>/<subdir>"),

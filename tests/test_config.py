@@ -100,7 +100,8 @@ def test_checkpoint_configs_drop_retired_keys_and_gain_new_ones():
     del old["train"]["grad_clip_scope"]
     del old["model"]["text_packing"]
     cfg = from_dict(old)
-    assert "method" not in cfg and "demo" not in cfg["data"] and "clip_dim" not in cfg["data"]
+    assert "method" not in cfg and "clip_dim" not in cfg["data"] and "demo_seed" not in cfg["data"]
+    assert cfg["data"]["demo"] == DEFAULTS["data"]["demo"]  # the old switch dropped; the generated world's defaults
     assert cfg["model"]["text_packing"] == DEFAULTS["model"]["text_packing"]  # same numbers either way
     # keys whose default changed what the code did: an old run resumes with what it trained with
     assert cfg["loss"]["dcl_positive"] == "paper" != DEFAULTS["loss"]["dcl_positive"]
