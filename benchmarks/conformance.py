@@ -466,7 +466,8 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
     and every parameter group's learning rate; ours reads the same from coder.engine and the triplet term."""
     from coder.config import load_config
     from coder.engine import build_optimizer, lr_at
-    from coder.losses.terms import Triplet
+    from coder.losses import INSTANCE_LOSSES, LossInputs
+    from coder.losses.triplet import triplet
     from coder.models.model import build_itr_model
     from coder.models.text import tiny_bert
 
@@ -509,7 +510,19 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
     for m in prefixed(text_encoder_map(model.text_encoder.backbone.bert), "text_encoder.", "txt_enc.module."):
         names[m.ours] = m.peers[0]
     peer_params = dict(peer_model["params"])
-    term = Triplet(cfg["loss"]["margin"], cfg["loss"]["warmup_epochs"])
+    gen = torch.Generator().manual_seed(12)
+    v = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
+    w = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
+    sims, margin = v @ w.t(), cfg["loss"]["margin"]
+
+    def ours_hardest(epoch: int) -> bool | None:
+        """Which form the registered loss (loss.instance: triplet) computes at this epoch: VSE++ or VSE0."""
+        got = INSTANCE_LOSSES[cfg["loss"]["instance"]].batch(LossInputs({"v_i": v, "w_i": w}, {}, epoch, None,
+                                                                        cfg["loss"]))
+        hard, every = triplet(sims, margin, True), triplet(sims, margin, False)
+        if not (torch.isclose(got, hard) or torch.isclose(got, every)) or torch.isclose(hard, every):
+            return None
+        return bool(torch.isclose(got, hard))
     lr_diff, switch_diff, wd_diff, missing = 0.0, 0.0, 0.0, []
     ours_by_param = {}
     for epoch, state in seen:
@@ -524,14 +537,14 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
             peer_lr, peer_wd = state["lr"][names[name]]
             lr_diff = max(lr_diff, abs(ours_by_param[id(p)][0] - peer_lr))
             wd_diff = max(wd_diff, abs(ours_by_param[id(p)][1] - peer_wd))
-        hardest = epoch >= term.warmup_epochs
-        switch_diff = max(switch_diff, float(hardest != state["max_violation"]))
+        switch_diff = max(switch_diff, float(ours_hardest(epoch) != state["max_violation"]))
     rows = [Row("optimizer: per-parameter lr (BERT 0.1x) at each of 25 epochs, weight decay", label,
                 math.inf if missing else max(lr_diff, wd_diff), 0.0, 1e-12,
                 f"AdamW both: {type(optimizer).__name__} / {seen[0][1]['optimizer']}; "
                 f"{len(peer_params)} parameters; grad clip {cfg['train']['grad_clip']} / {seen[0][1]['clip']}"),
             Row("triplet warm-up switch (VSE0 -> VSE++) at each of 25 epochs", label, switch_diff, 0.0, 0.0,
-                f"VSE++ from epoch {term.warmup_epochs}")]
+                f"VSE++ from epoch {min(e for e, st in seen if st['max_violation'])}; ours: the registered loss "
+                "'triplet' at each epoch")]
     if type(optimizer).__name__ != seen[0][1]["optimizer"] or cfg["train"]["grad_clip"] != seen[0][1]["clip"]:
         rows[0].out_diff = math.inf
     return rows
@@ -592,6 +605,7 @@ def user_rows(peer: Peer, path: Path) -> list[Row]:
     from coder.config import load_config
     from coder.models.heads import ImageHead
     from coder.models.model import ImageEncoder, build_itr_model
+    from coder.models.momentum import MomentumContrast
     from coder.models.text import tiny_bert
     from coder.models.user import SelfGuidedEnhancement
     from coder.step import ContrastiveStep
@@ -633,12 +647,12 @@ def user_rows(peer: Peer, path: Path) -> list[Row]:
                         inputs=((a, b),), unmapped_peer=image_unmapped))
 
     rows += user_momentum_rows(P, label, gen, load_config, build_itr_model, tiny_bert, ContrastiveStep,
-                               image_map, image_unmapped, opt)
+                               MomentumContrast, image_map, image_unmapped, opt)
     return rows
 
 
-def user_momentum_rows(P, label, gen, load_config, build_itr_model, tiny_bert, ContrastiveStep, image_map,
-                       image_unmapped, opt) -> list[Row]:
+def user_momentum_rows(P, label, gen, load_config, build_itr_model, tiny_bert, ContrastiveStep, MomentumContrast,
+                       image_map, image_unmapped, opt) -> list[Row]:
     """Five training steps' worth of momentum update, keys, what the loss reads from the queues and the
     enqueue, through our ContrastiveStep and through USER's own USER.forward_emb (its queue of K = 3 batches
     wraps around at the fourth). Between steps the query encoders change (as an optimizer step would), on
@@ -651,13 +665,12 @@ def user_momentum_rows(P, label, gen, load_config, build_itr_model, tiny_bert, C
     _no_dropout(bert)
     torch.manual_seed(6)
     model = build_itr_model(cfg["model"], copy.deepcopy(bert)).double()
-    for agg in (model.image_encoder.head.aggregate, model.text_encoder.head.aggregate,
-                model.momentum.key_image_encoder.head.aggregate, model.momentum.key_text_encoder.head.aggregate):
+    for agg in (model.image_encoder.head.aggregate, model.text_encoder.head.aggregate):
         agg.float()
     _no_dropout(model)
+    mom = MomentumContrast(model.image_encoder, model.text_encoder, cfg["model"]["embed_dim"], K, m)
     recorder = _Recorder()
-    step = ContrastiveStep(model, recorder).train()
-    mom = model.momentum
+    step = ContrastiveStep(model, recorder, mom).train()
     with torch.no_grad():  # key encoders away from the queries, so the momentum update shows
         for p in list(mom.key_image_encoder.parameters()) + list(mom.key_text_encoder.parameters()):
             p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
