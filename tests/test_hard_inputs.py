@@ -491,7 +491,7 @@ def test_glove_bad_line(capsys, data, tmp_path):
 
 @row("NaN or inf in a GloVe row")
 def test_glove_non_finite_row(capsys, data, tmp_path):
-    from coder.concepts import heuristic_pos, tokenize
+    from coder.tools.vocabulary import heuristic_pos, tokenize
 
     words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
     glove = tmp_path / "glove.txt"
