@@ -491,7 +491,7 @@ def test_glove_bad_line(capsys, data, tmp_path):
 
 @row("NaN or inf in a GloVe row")
 def test_glove_non_finite_row(capsys, data, tmp_path):
-    from coder.concepts import heuristic_pos, tokenize
+    from coder.tools.vocabulary import heuristic_pos, tokenize
 
     words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
     glove = tmp_path / "glove.txt"
@@ -621,7 +621,7 @@ def test_eccv_needs_coco_5k(capsys, monkeypatch, trained):
     def encode(*args, **kwargs):
         raise AssertionError("the split was encoded before --eccv refused it")
 
-    monkeypatch.setattr("coder.evaluation.evaluate_model", encode)
+    monkeypatch.setattr("coder.evaluation.splits.evaluate_model", encode)
     code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
     assert code == 2
     assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)
