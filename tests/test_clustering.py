@@ -108,3 +108,59 @@ def test_progress_bar_runs(capsys):
     x, _ = planted(seed=7)
     result = spherical_kmeans(x, 8, iters=3, progress=True)
     assert np.isfinite(result.inertia).all()
+
+
+# ------------------------------------------------------------------------------- when training re-clusters
+def tiny_coder_config(root, bert_dir, *overrides):
+    from coder.config import load_config
+
+    return load_config("configs/demo.yaml", [
+        f"data.root={root}", f"model.text_encoder={bert_dir}", "model.text_layers=2", "model.region_dim=16",
+        "model.embed_dim=16", f"model.concept.vocab={root / 'concepts.npz'}", "model.momentum.queue_size=16",
+        "cluster.k=7", "cluster.iters=2", "train.batch_size=8", "train.max_steps_per_epoch=2", "train.device=cpu",
+        "eval.batch_size=20", *overrides])
+
+
+class Stop(Exception):
+    """Ends a run right after a chosen checkpoint, as a kill would."""
+
+
+def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_epoch_resume(
+        tiny_coder_data, tiny_bert_dir, tmp_path, monkeypatch):
+    """§3.4: the pairs are re-clustered at the start of every epoch from cluster.start_epoch (here 1 of 0-2),
+    on the un-augmented training split; a run stopped after a mid-epoch checkpoint of epoch 1 and resumed
+    keeps that epoch's saved labels (no second k-means in epoch 1) and clusters again for epoch 2."""
+    from coder.engine import Trainer
+
+    cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=3", "cluster.start_epoch=1",
+                            "train.save_every=1")
+    import coder.engine
+
+    calls, augmented, update, save_last = [], [], Trainer.update_clusters, Trainer.save_last
+    cluster = coder.engine.cluster_training_pairs
+
+    def spy(self, epoch):
+        calls.append(epoch)
+        return update(self, epoch)
+
+    def cluster_spy(encode_pairs, dataset, **kwargs):
+        augmented.append(dataset.train)
+        return cluster(encode_pairs, dataset, **kwargs)
+
+    def save_then_stop_in_epoch_1(self):
+        save_last(self)
+        if (self.epoch, self.step_in_epoch) == (1, 1):
+            raise Stop
+
+    monkeypatch.setattr(Trainer, "update_clusters", spy)
+    monkeypatch.setattr(coder.engine, "cluster_training_pairs", cluster_spy)
+    monkeypatch.setattr(Trainer, "save_last", save_then_stop_in_epoch_1)
+    with pytest.raises(Stop):
+        Trainer(cfg, tmp_path, progress=False).fit()
+    assert calls == [1]
+    monkeypatch.setattr(Trainer, "save_last", save_last)
+    resumed = Trainer(cfg, tmp_path, resume="auto", progress=False)
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 1) and resumed.labels is not None
+    calls.clear()
+    resumed.fit()
+    assert calls == [2] and augmented == [False, False]
