@@ -134,10 +134,11 @@ def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_e
 
     cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=3", "cluster.start_epoch=1",
                             "train.save_every=1")
+    import coder.clustering
     import coder.engine
 
-    calls, augmented, update, save_last = [], [], Trainer.update_clusters, Trainer.save_last
-    cluster = coder.engine.cluster_training_pairs
+    calls, augmented, runs, update, save_last = [], [], [], Trainer.update_clusters, Trainer.save_last
+    cluster, kmeans = coder.engine.cluster_training_pairs, coder.clustering.spherical_kmeans
 
     def spy(self, epoch):
         calls.append(epoch)
@@ -147,6 +148,11 @@ def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_e
         augmented.append(dataset.train)
         return cluster(encode_pairs, dataset, **kwargs)
 
+    def kmeans_spy(x, k, **kwargs):
+        result = kmeans(x, k, **kwargs)
+        runs.append((k, kwargs["iters"], kwargs["init"], result.centroids.clone()))
+        return result
+
     def save_then_stop_in_epoch_1(self):
         save_last(self)
         if (self.epoch, self.step_in_epoch) == (1, 1):
@@ -154,6 +160,7 @@ def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_e
 
     monkeypatch.setattr(Trainer, "update_clusters", spy)
     monkeypatch.setattr(coder.engine, "cluster_training_pairs", cluster_spy)
+    monkeypatch.setattr(coder.clustering, "spherical_kmeans", kmeans_spy)
     monkeypatch.setattr(Trainer, "save_last", save_then_stop_in_epoch_1)
     with pytest.raises(Stop):
         Trainer(cfg, tmp_path, progress=False).fit()
@@ -164,3 +171,8 @@ def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_e
     calls.clear()
     resumed.fit()
     assert calls == [2] and augmented == [False, False]
+    # cluster.k prototypes and cluster.iters iterations; epoch 2 starts from epoch 1's centroids (online
+    # k-means), carried through the checkpoint
+    (k1, iters1, init1, centroids1), (k2, iters2, init2, _) = runs
+    assert (k1, iters1, k2, iters2) == (7, 2, 7, 2) and init1 is None
+    torch.testing.assert_close(init2, centroids1)
