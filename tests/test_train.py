@@ -4,10 +4,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from coder.config import load_config
 from coder.demo import generate_demo_data
-from coder.engine import Trainer, lr_at
+from coder.engine import Trainer, build_optimizer, lr_at
 from coder.evaluation import chance_rsum, encode_split, evaluate_split, split_datasets
 
 
@@ -46,6 +47,24 @@ def test_learning_rate_steps_down_from_each_listed_epoch_on():
     train = {**train, "lr": 1.0, "lr_decay": 0.5, "lr_decay_epochs": [1, 3]}
     assert [lr_at(train, e) for e in range(5)] == [1.0, 0.5, 0.5, 0.25, 0.25]
     assert lr_at({**train, "lr_decay_epochs": []}, 29) == 1.0
+
+
+@pytest.mark.parametrize("config, optimizer", [("configs/f30k_coder.yaml", torch.optim.Adam),
+                                               ("configs/baselines/f30k_vse.yaml", torch.optim.AdamW),
+                                               ("configs/f30k_user.yaml", torch.optim.AdamW)])
+def test_the_optimizer_and_its_weight_decay_come_from_the_config(config, optimizer):
+    """CODER trains with Adam (§4.2); the VSE-infinity baseline and USER with AdamW, as their code does: the
+    class and the config's weight decay reach the optimizer. Frozen parameters are left out; the text backbone
+    is a group of its own."""
+    train = load_config(config)["train"]
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[0].bias.requires_grad_(False)
+    built = build_optimizer(net, train, net[1])
+    assert type(built) is optimizer
+    assert [g["weight_decay"] for g in built.param_groups] == [train["weight_decay"]] * 2
+    assert [g["lr_mult"] for g in built.param_groups] == [1.0, train["text_lr_mult"]]
+    assert [[id(p) for p in g["params"]] for g in built.param_groups] == \
+        [[id(net[0].weight)], [id(net[1].weight), id(net[1].bias)]]
 
 
 def test_the_schedule_reaches_the_optimizer_and_dev_is_evaluated_every_eval_every_epochs(
