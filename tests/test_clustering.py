@@ -176,3 +176,29 @@ def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_e
     (k1, iters1, init1, centroids1), (k2, iters2, init2, _) = runs
     assert (k1, iters1, k2, iters2) == (7, 2, 7, 2) and init1 is None
     torch.testing.assert_close(init2, centroids1)
+
+
+def test_kmeans_input_is_the_normalised_sum_of_the_momentum_pair_embeddings(tiny_coder_data, tiny_bert_dir,
+                                                                            tmp_path):
+    """§3.4 clusters "the summation of instance-level representations v^I and w^I": x = L2norm(v^I + w^I) of
+    each pair, from the momentum encoders (at the start equal to the online ones; an online update that the
+    key encoders have not followed yet leaves x as it was)."""
+    from coder.data import collate
+    from coder.engine import Trainer, training_split
+
+    cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=1")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.log.close()
+    model = trainer.model.eval()
+    data = training_split(cfg, trainer.tokenizer, train=False)
+    batch = collate([data[i] for i in range(0, len(data), 7)])
+    inputs = (batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"])
+    with torch.no_grad():
+        x = model.momentum.encode_pairs(*inputs)
+        v = model.encode_image(batch["regions"], batch["region_lengths"])["v_i"]
+        w = model.encode_text(batch["input_ids"], batch["text_lengths"])["w_i"]
+        torch.testing.assert_close(x, F.normalize(v + w, dim=-1))
+        assert not torch.allclose(x, F.normalize(v, dim=-1)) and not torch.allclose(x, F.normalize(w, dim=-1))
+        for p in [*model.image_encoder.parameters(), *model.text_encoder.parameters()]:
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(model.momentum.encode_pairs(*inputs), x)
