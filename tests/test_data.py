@@ -163,6 +163,24 @@ def test_the_training_split_takes_each_augmentation_rate_from_its_own_key(tmp_pa
     assert augmented(training_data(cfg, tokenizer, 1, 0, "cpu")[0]) == (False, False)
 
 
+def test_the_training_splits_augmentations_follow_train_seed_and_the_epoch(tmp_path, tokenizer):
+    """The seeds of a study differ in their augmentations too: the training split's draws are a function of
+    train.seed and the epoch (the same pair, the same draws)."""
+    from coder.config import load_config
+    from coder.engine import training_split
+
+    write_split(tmp_path, images=4, regions=36, captions=[" ".join(WORDS)] * 20)
+
+    def draws(seed, epoch):
+        cfg = load_config(None, [f"data.root={tmp_path}", "model.region_dim=3", f"train.seed={seed}"])
+        data = training_split(cfg, tokenizer, train=True)
+        data.set_epoch(epoch)
+        return [(data[i]["regions"].tolist(), data[i]["input_ids"].tolist()) for i in range(len(data))]
+
+    assert draws(1, 0) == draws(1, 0)
+    assert draws(1, 0) != draws(2, 0) and draws(1, 0) != draws(1, 1)
+
+
 def test_augmentation_is_reproducible_from_torch_seed(tmp_path, tokenizer):
     write_split(tmp_path, images=2, regions=36, captions=[" ".join(WORDS * 2)] * 10)
     data = PrecompDataset(tmp_path, "train", tokenizer, train=True)
