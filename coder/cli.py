@@ -16,12 +16,12 @@ from typing import NamedTuple
 import yaml
 
 from . import demo
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, from_dict, load_config, merge, nest, parse_override, validate
+from .checkpoint import load_checkpoint, saved_config, upgrade_config
+from .config import key_table, load_config, merge, nest, parse_override, validate
 from .distributed import cleanup
 from .eccv import format_eccv
 from .engine import NonFiniteLossError, Trainer, resolve_device
-from .errors import CoderError
+from .errors import CheckpointError, CoderError, ConfigError
 from .evaluation import (
     EvaluationError,
     Member,
@@ -38,6 +38,7 @@ from .evaluation import (
 )
 from .models.model import build_model
 from .models.text import load_text_backbone
+from .step import check_config
 
 PATH_KEYS = ("model.text_encoder", "model.concept.vocab")  # where files are; the weights stay the checkpoint's
 
@@ -49,7 +50,7 @@ EVAL_HELP = """Evaluate a checkpoint: `python evaluate.py --checkpoint runs/f30k
 
 Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output).
 
-Evidence on one test split (see README, "Evaluation"):
+Evidence on one test split (see docs/evaluation.md):
   --compare B.pth      paired bootstrap of ΔR@1/5/10 (i2t, t2i) and ΔR@sum, this checkpoint minus B, with 95%
                        percentile intervals: the test images are resampled with replacement, each with its
                        captions (i2t queries are images, t2i queries captions; one image's captions share
@@ -70,6 +71,8 @@ def train_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", help="a run folder (its config.yaml and checkpoint_last.pth: nothing else is "
                         "needed), 'auto' (the output folder's checkpoint_last.pth, if any) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--keys", action="store_true", help="list every config key (default, allowed values, what "
+                        "it does) and exit")
     return parser.parse_args(argv)
 
 
@@ -81,7 +84,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
         saved, last = run / "config.yaml", run / "checkpoint_last.pth"
         if not saved.is_file() or not last.is_file():
             raise CheckpointError(f"--resume {run}: nothing to resume, expected {saved} and {last}")
-        cfg = from_dict(yaml.safe_load(saved.read_text()))
+        cfg = saved_config(yaml.safe_load(saved.read_text()))
         for text in args.overrides:
             keys, value = parse_override(text)
             merge(cfg, nest(keys, value))
@@ -89,7 +92,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
         return cfg, run, "auto"
     if not args.config:
         raise ConfigError("--config is required (or --resume RUN_DIR with a run folder)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, upgrade=upgrade_config)
+    check_config(cfg)  # the names the registries own, before any data is prepared
     return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
 
 
@@ -105,6 +109,9 @@ def check_folder(path: Path, what: str) -> None:
 
 def train_main(argv=None) -> int:
     args = train_args(argv)
+    if args.keys:
+        print(key_table(), end="")
+        return 0
     try:
         cfg, output, resume = resolve_run(args)
         check_folder(output, "--output" if args.output else "the output folder")
@@ -176,7 +183,7 @@ def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
         raise CheckpointError(f"--checkpoint {path} is a folder; expected a checkpoint file, e.g. "
                               f"{Path(path) / 'model_best.pth'}")
     ckpt = load_checkpoint(path)
-    cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
+    cfg = saved_config(ckpt["config"])  # keys added since the checkpoint was written take their defaults
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:

@@ -13,3 +13,23 @@ class CoderError(Exception):
 
 class MissingFileError(CoderError, FileNotFoundError):
     """A file the run needs is not there; the message says how to obtain it."""
+
+
+class ConfigError(CoderError, ValueError):
+    """A config file, key or value is wrong; the message names the key."""
+
+
+class CheckpointError(CoderError, ValueError):
+    """A checkpoint file is missing, unreadable, not ours, or does not match the config."""
+
+
+class DataError(CoderError, ValueError):
+    """A data file is missing or malformed; the message names the file and the row/line/shape at fault."""
+
+
+class ModelFileError(MissingFileError):
+    """A pretrained model or tokenizer directory is missing or unreadable."""
+
+
+class NonFiniteLossError(CoderError, RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""

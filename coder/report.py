@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, saved_config
 from .concepts import load_concepts
-from .config import ConfigError, concept_vocab_path, from_dict, merge, nest, parse_override, validate
+from .config import ConfigError, concept_vocab_path, merge, nest, parse_override, validate
 from .data import collate, tokenize_caption
 from .errors import CoderError
 from .evaluation import encode_split, split_datasets
@@ -384,7 +384,7 @@ def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device="cp
     """
 
     ckpt = load_checkpoint(checkpoint)
-    cfg = from_dict(ckpt["config"])  # over the current defaults: keys added since the run get their default
+    cfg = saved_config(ckpt["config"])  # over the current defaults: keys added since the run get their default
     if ckpt.get("beta") is not None:
         cfg["eval"]["beta"] = ckpt["beta"]  # the fusion weight chosen on dev in training
     for text in overrides:

@@ -189,16 +189,17 @@ def test_kmeans_input_is_the_normalised_sum_of_the_momentum_pair_embeddings(tiny
     cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=1")
     trainer = Trainer(cfg, tmp_path, progress=False)
     trainer.log.close()
-    model = trainer.model.eval()
+    trainer.step.eval()  # the model and the momentum encoders (dropout off)
+    model = trainer.model
     data = training_split(cfg, trainer.tokenizer, train=False)
     batch = collate([data[i] for i in range(0, len(data), 7)])
     inputs = (batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"])
     with torch.no_grad():
-        x = model.momentum.encode_pairs(*inputs)
+        x = trainer.step.momentum.encode_pairs(*inputs)
         v = model.encode_image(batch["regions"], batch["region_lengths"])["v_i"]
         w = model.encode_text(batch["input_ids"], batch["text_lengths"])["w_i"]
         torch.testing.assert_close(x, F.normalize(v + w, dim=-1))
         assert not torch.allclose(x, F.normalize(v, dim=-1)) and not torch.allclose(x, F.normalize(w, dim=-1))
         for p in [*model.image_encoder.parameters(), *model.text_encoder.parameters()]:
             p.add_(torch.randn_like(p))
-        torch.testing.assert_close(model.momentum.encode_pairs(*inputs), x)
+        torch.testing.assert_close(trainer.step.momentum.encode_pairs(*inputs), x)

@@ -1,4 +1,4 @@
-"""Hard inputs: one test per row of the README's "Bad inputs" table, through the real command lines.
+"""Hard inputs: one test per row of the "Bad inputs" table (docs/bad-inputs.md), through the real command lines.
 
 Each test makes one bad input, runs `train.main` / `evaluate.main` / `scripts/build_concepts.py` in this
 process, and checks the exit status and that the message matches the row's "What you see" column (the
@@ -24,7 +24,7 @@ import train
 from coder.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "README.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 IMAGES, CAPTIONS_PER_IMAGE, REGION_DIM = 8, 5, 16
 TESTED_ROWS: set[str] = set()
 
@@ -33,7 +33,7 @@ TESTED_ROWS: set[str] = set()
 def doc_rows() -> dict[str, str]:
     """Input column -> message (inside backticks) of every row of the table."""
     rows = {}
-    section = DOC.read_text(encoding="utf-8").split("\n## Bad inputs\n", 1)[1].split("\n## ", 1)[0]
+    section = ("\n" + DOC.read_text(encoding="utf-8")).split("\n# Bad inputs\n", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         match = re.fullmatch(r"\| (.+?) \| `(.+)` \|", line)
         if match:
@@ -49,7 +49,7 @@ def row(name: str):
 
 def message_pattern(name: str) -> re.Pattern:
     matches = [msg for key, msg in doc_rows().items() if key.startswith(name)]
-    assert len(matches) == 1, f"README.md Bad inputs: {len(matches)} rows start with {name!r}"
+    assert len(matches) == 1, f"docs/bad-inputs.md: {len(matches)} rows start with {name!r}"
     parts = re.split(r"<[^<>]+>", matches[0])
     return re.compile(".+?".join(re.escape(p) for p in parts))
 
@@ -640,7 +640,7 @@ def two_epoch_run(tmp_path, data, tiny_bert_dir):
 
 @row("Non-finite loss")
 def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, two_epoch_run):
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     config, out = two_epoch_run
     forward, seen = Objective.forward, {}
@@ -666,7 +666,7 @@ def test_a_non_finite_loss_early_in_a_logging_window_is_not_forgotten(capsys, mo
     """With train.log_every 2, a NaN loss at step 1 followed by finite steps stops the run at the window's
     check (step 2). The NaN is added to the loss (its gradients stay finite, so the weights do not carry it
     into the later steps): only the flag accumulated over the window remembers it."""
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     forward, calls = Objective.forward, []
 
@@ -687,7 +687,7 @@ def test_a_non_finite_loss_is_never_saved_by_a_mid_epoch_checkpoint(capsys, monk
     """A NaN at step 1 that reaches the weights, a mid-epoch checkpoint due after that step (save_every 1) and
     no log line before the epoch's end (log_every 100): the run stops before the save, and no checkpoint of
     NaN weights is left to resume from."""
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     forward = Objective.forward
 

@@ -105,7 +105,7 @@ def coder_trainer(tiny_coder_data, tiny_bert_dir, tmp_path_factory):
     trainer = Trainer(cfg, tmp_path_factory.mktemp("coder_syncs"), progress=False)
     trainer.update_clusters(1)  # PGC on: the step reads k-means labels
     assert trainer.objective.needs_labels(1)
-    assert trainer.model.momentum is not None and trainer.model.concept is not None
+    assert trainer.step.momentum is not None and trainer.model.concept is not None
     return trainer
 
 
@@ -118,7 +118,7 @@ def test_a_user_step_syncs_at_most_twice(tiny_coder_data, tiny_bert_dir, tmp_pat
     cfg = tiny("configs/demo_user.yaml", tiny_coder_data, tiny_bert_dir, "data.clip_features=false",
                "model.user.cge=false")
     trainer = Trainer(cfg, tmp_path, progress=False)
-    assert trainer.model.image_encoder.sge is not None and trainer.model.momentum is not None
+    assert trainer.model.image_encoder.sge is not None and trainer.step.momentum is not None
     syncs = per_step_syncs(trainer, 0)
     assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
 
