@@ -312,7 +312,8 @@ class Trainer:
             if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
                 self._check_finite(bad, epoch)
                 self._log_step(loss, terms, diag, grad_norms, lr, seen / (time.perf_counter() - tic))
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable:  # a hidden bar's loss would be one more wait for the device
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
                 self._check_finite(bad, epoch)
                 self.save_last()
