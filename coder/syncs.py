@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -246,3 +247,27 @@ def module_to_device_double(module: nn.Module, optimizer: torch.optim.Optimizer 
     for group in optimizer.param_groups if optimizer is not None else ():
         group["params"] = [moved.get(p, p) for p in group["params"]]
     return module
+
+
+@contextmanager
+def collectives_on_device_doubles():
+    """torch.distributed's all_gather, all_reduce and broadcast on `DeviceDouble`s (on their CPU data, in
+    place), for gloo: c10d runs below the dispatch modes, and refuses a `meta` tensor. A collective is not
+    counted as a sync (NCCL's run on the device's stream; the host does not wait for them)."""
+    import torch.distributed as dist
+
+    names = ("all_gather", "all_reduce", "broadcast")
+    originals = {name: getattr(dist, name) for name in names}
+
+    def unwrap(x):
+        return [_unwrap(t) for t in x] if isinstance(x, list) else _unwrap(x)
+
+    def patched(original):
+        return lambda *args, **kwargs: original(*(unwrap(a) for a in args), **kwargs)
+    for name in names:
+        setattr(dist, name, patched(originals[name]))
+    try:
+        yield
+    finally:
+        for name in names:
+            setattr(dist, name, originals[name])
