@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import distributed as dist
+from .batchnorm import global_batchnorm_within
 from .checkpoint import (
     PROGRESS_KEYS,
     atomic_save,
@@ -36,7 +37,8 @@ from .errors import CoderError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
 from .losses.objective import build_objective
-from .models.model import build_model
+from .models.heads import ImageHead
+from .models.model import ImageEncoder, build_model
 from .models.text import load_text_backbone
 from .precision import set_deterministic, tf32
 from .runlog import progress_bars
@@ -167,8 +169,8 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
     """The step as DistributedDataParallel over `world` processes (itself in one process)."""
     if world == 1:
         return step
-    if device.type == "cuda" and sync_batchnorm:
-        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    if device.type == "cuda" and sync_batchnorm:  # the image side's BatchNorm over the global batch, sync-free
+        step = global_batchnorm_within(step, (ImageEncoder, ImageHead))
     return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
