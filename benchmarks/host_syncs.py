@@ -76,6 +76,11 @@ def device_trainer(method: str, root: Path, bert: Path, out: Path, extra=()) -> 
     trainer = Trainer(cfg, out, progress=False)
     if trainer.objective.needs_labels(1):
         trainer.update_clusters(1)  # PGC on: the step reads k-means labels
+    return on_device_doubles(trainer)
+
+
+def on_device_doubles(trainer: Trainer) -> Trainer:
+    """`trainer` (in place) with its modules, optimizer state, k-means state and device on `DeviceDouble`s."""
     module_to_device_double(trainer.step_module, trainer.optimizer)  # the optimizer as built on the CPU: fused
     for module in trainer.step_module.modules():  # transformers' train() re-kernelizes by device: none for meta
         if getattr(module, "use_kernels", False):

@@ -235,7 +235,7 @@ def to_device_double(x):
 
 def module_to_device_double(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
     """Every parameter and buffer of `module` as a `DeviceDouble`, as `module.to(cuda)` would. The parameters
-    are new objects: an `optimizer` built before (and not yet stepped) is pointed at them."""
+    are new objects: an `optimizer` built before is pointed at them, its state moved with them."""
     moved = {}
     for m in module.modules():
         for name, p in m._parameters.items():
@@ -244,8 +244,12 @@ def module_to_device_double(module: nn.Module, optimizer: torch.optim.Optimizer 
         for name, b in m._buffers.items():
             if b is not None and not _is_double(b):
                 m._buffers[name] = DeviceDouble(b)
-    for group in optimizer.param_groups if optimizer is not None else ():
-        group["params"] = [moved.get(p, p) for p in group["params"]]
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [moved.get(p, p) for p in group["params"]]
+        state = {moved.get(p, p): to_device_double(s) for p, s in optimizer.state.items()}
+        optimizer.state.clear()
+        optimizer.state.update(state)
     return module
 
 
