@@ -21,11 +21,12 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.utils.clip_grad  # noqa: F401 (patched below)
 import torch.optim.adam  # noqa: F401 (patched below)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,14 +92,23 @@ def on_device_doubles(trainer: Trainer) -> Trainer:
     return trainer
 
 
+@contextmanager
+def paths_of_cuda():
+    """The code paths PyTorch takes for CUDA tensors where it decides by device type, which knows no device
+    double: the fused Adam (its device check; the fused kernel runs on the CPU data) and gradient clipping's
+    foreach norms and scaling (one op per list instead of one per parameter)."""
+    clip = sys.modules["torch.nn.utils.clip_grad"]
+    with mock.patch.object(sys.modules["torch.optim.adam"], "_device_dtype_check_for_fused", lambda p: None), \
+            mock.patch.object(clip, "_has_foreach_support", lambda tensors, device: True):
+        yield
+
+
 def count_epoch(trainer: Trainer, steps: int, log_every: int) -> SyncCounter:
     tcfg = trainer.cfg["train"]
     tcfg["max_steps_per_epoch"], tcfg["log_every"] = steps, log_every
     trainer.step_in_epoch = 0
     epoch = 1 if trainer.objective.needs_labels(1) else 0
-    # the fused optimizer's device check knows no device double; the fused kernel runs on its CPU data
-    with mock.patch.object(sys.modules["torch.optim.adam"], "_device_dtype_check_for_fused", lambda p: None), \
-            SyncCounter() as counter:
+    with paths_of_cuda(), SyncCounter() as counter:
         trainer.train_epoch(epoch)
     assert trainer.step_in_epoch == steps, (trainer.step_in_epoch, steps)
     return counter

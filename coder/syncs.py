@@ -46,6 +46,7 @@ CPU_ARGUMENTS = {aten._pack_padded_sequence.default, aten._pad_packed_sequence.d
                  aten.lstm.data, aten.rnn_tanh.data, aten.rnn_relu.data, aten._pack_padded_sequence_backward.default}
 # outputs that such ops return on the CPU: (op, output index)
 CPU_OUTPUTS = {(aten._pack_padded_sequence.default, 1), (aten._pad_packed_sequence.default, 1)}
+RNN_CALLS = {"gru", "lstm", "rnn_tanh", "rnn_relu"}
 NO_KERNEL = {aten.detach.default, aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
              aten.lift_fresh.default, aten.alias.default}
 
@@ -110,6 +111,9 @@ def _run(func, args, kwargs, counter: SyncCounter | None):
     note = counter.note if counter is not None else (lambda kind: None)
 
     if func in (aten._to_copy.default, aten.copy_.default):
+        if counter is not None and on_device:  # a copy on, to or from the device is one kernel (or memcpy)
+            counter.ops += 1
+            counter.kernels[func.__name__] += 1
         return _copy(func, args, kwargs, note)
     if not on_device:
         return func(*args, **kwargs)
@@ -124,8 +128,9 @@ def _run(func, args, kwargs, counter: SyncCounter | None):
         for a in flat:
             if torch.is_tensor(a) and not _is_double(a) and a.dim() > 0:
                 note(f"CPU tensor into {func.__name__}")
-    if counter is not None and not _is_view(func):
+    if counter is not None and not _is_view(func) and not counter.inside_rnn():
         counter.ops += 1
+        counter.kernels[func.__name__] += 1
     unwrapped = {id(a): a for a in flat if _is_double(a)}
     args, kwargs = _unwrap_args(args, kwargs)
     if _on_device(kwargs.get("device")):
@@ -179,7 +184,26 @@ class SyncCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.syncs, self.ops, self.where = 0, 0, Counter()
+        self.syncs, self.ops, self.where, self.kernels = 0, 0, Counter(), Counter()
+        self.rnn_depth, self.rnn_calls, self.rnn_backwards = 0, [], set()
+
+    def inside_rnn(self) -> bool:
+        """Whether the current op is part of an RNN call's forward or backward: the CPU runs a GRU as a chain
+        of per-step ops, CUDA as one cuDNN call each way (counted once by `_FunctionLevel`)."""
+        if self.rnn_depth:
+            return True
+        node = torch._C._current_autograd_node()
+        if node is None or not self.rnn_calls:
+            return False
+        seq = node._sequence_nr()
+        for call in self.rnn_calls:
+            if call[0] <= seq < call[1]:
+                if call not in self.rnn_backwards:
+                    self.rnn_backwards.add(call)
+                    self.ops += 1
+                    self.kernels["rnn backward (one cuDNN call)"] += 1
+                return True
+        return False
 
     def note(self, kind: str) -> None:
         self.syncs += 1
@@ -193,7 +217,7 @@ class SyncCounter(TorchDispatchMode):
         return _run(func, args, kwargs or {}, self)
 
     def __enter__(self):
-        self._factories = _Factories(self)
+        self._factories = _FunctionLevel(self)
         self._factories.__enter__()
         return super().__enter__()
 
@@ -204,9 +228,16 @@ class SyncCounter(TorchDispatchMode):
             self._factories.__exit__(*exc)
 
 
-class _Factories(TorchFunctionMode):
-    """`torch.tensor(data, device=...)` builds on the device without an aten op a dispatch mode sees; on CUDA
-    it is a blocking host -> device copy."""
+def _next_sequence_nr() -> int:
+    """The sequence number autograd gives the next node it creates (nodes are numbered in creation order)."""
+    with torch.enable_grad():
+        return (torch.ones((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
+
+
+class _FunctionLevel(TorchFunctionMode):
+    """What the dispatch level cannot see as CUDA runs it: `torch.tensor(data, device=...)` builds on the
+    device without an aten op (on CUDA a blocking host -> device copy), and an RNN call (a chain of per-step
+    ops on the CPU, one cuDNN call on CUDA, and one for its backward: the autograd nodes it creates)."""
 
     def __init__(self, counter: SyncCounter):
         super().__init__()
@@ -217,6 +248,17 @@ class _Factories(TorchFunctionMode):
         if func in (torch.tensor, torch.as_tensor) and _on_device(kwargs.get("device")):
             self.counter.note("blocking host-to-device copy")
             return DeviceDouble(func(*args, **{**kwargs, "device": torch.device("cpu")}))
+        if getattr(func, "__name__", None) in RNN_CALLS and any(_is_double(a) for a in _flat(args, kwargs)):
+            start = _next_sequence_nr()
+            self.counter.rnn_depth += 1
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                self.counter.rnn_depth -= 1
+            self.counter.rnn_calls.append((start, _next_sequence_nr()))
+            self.counter.ops += 1
+            self.counter.kernels["rnn (one cuDNN call)"] += 1
+            return out
         return func(*args, **kwargs)
 
 

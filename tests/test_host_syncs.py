@@ -41,6 +41,19 @@ def test_the_counter_sees_what_a_cpu_run_hides():
     assert all("tests/test_host_syncs.py" in where for where in counter.where)
 
 
+def test_an_rnn_call_counts_as_one_kernel_each_way_as_cudnn_runs_it():
+    """The CPU runs a GRU as a chain of per-step ops; CUDA as one cuDNN call forward and one backward."""
+    from coder.syncs import module_to_device_double
+
+    gru = module_to_device_double(torch.nn.GRU(4, 4, batch_first=True, bidirectional=True))
+    packed = pack_padded_sequence(to_device_double(torch.randn(3, 9, 4)), torch.tensor([9, 5, 2]),
+                                  batch_first=True)
+    with SyncCounter() as counter:
+        gru(packed)[0].data.sum().backward()
+    assert counter.kernels["rnn (one cuDNN call)"] == counter.kernels["rnn backward (one cuDNN call)"] == 1
+    assert counter.syncs == 0 and counter.ops < 20, counter.kernels  # hundreds of per-step ops otherwise
+
+
 def test_gpo_packs_sorted_as_unsorted_packing_would():
     """GPO packs its CPU-sorted lengths longest first and flips back: the unsorted packing's output."""
     from coder.models.aggregators import GPO, positional_encoding
