@@ -40,8 +40,8 @@ def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
     key_buffers, query_buffers = _paired(key.named_buffers(), query.named_buffers(), "buffer")
     if key_params:
         torch._foreach_lerp_(key_params, query_params, 1.0 - m)  # k + (1-m)(q - k), MoCo's update
-    for k, q in zip(key_buffers, query_buffers):
-        k.copy_(q)
+    if key_buffers:
+        torch._foreach_copy_(key_buffers, query_buffers)  # one op for every buffer, not one per buffer
 
 
 def _paired(key_named, query_named, kind: str) -> tuple[list[Tensor], list[Tensor]]:
