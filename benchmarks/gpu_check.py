@@ -66,7 +66,7 @@ MAX_SYNCS_PER_STEP = host_syncs.MAX_SYNCS_PER_STEP
 def amp_override(on: bool) -> str:
     """train.amp as this version of the config spells it (a bool, or the bf16 | fp16 | off modes)."""
     return f"train.amp={str(on).lower()}" if isinstance(DEFAULTS["train"]["amp"], bool) else \
-        f"train.amp={'bf16' if on else 'off'}"
+        f"train.amp='{'bf16' if on else 'off'}'"  # quoted: YAML reads a bare off as false
 
 
 def demo_config(root: Path, device: str, plan: dict, extra=()) -> dict:

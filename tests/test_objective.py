@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from coder.config import load_config
-from coder.losses.objective import Bank, Objective, build_objective
+from coder.losses import Bank
+from coder.step import Objective, build_objective
 
 MU, GAMMA, EPS = 0.1, 0.3, 0.1
 B, Q, F, K = 6, 10, 8, 5

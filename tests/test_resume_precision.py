@@ -21,7 +21,7 @@ def tiny(root, bert, amp):
         "model.text_layers=1", "model.region_dim=16", "model.embed_dim=16", "model.momentum.queue_size=16",
         "model.concept.gcn_hidden=16", "cluster.k=7", "train.batch_size=8", "train.epochs=1",
         "train.max_steps_per_epoch=2", "train.device=cpu", "train.log_every=1000", "train.save_every=0",
-        "eval.batch_size=20", f"train.amp={amp}"])
+        "eval.batch_size=20", f"train.amp='{amp}'"])  # quoted: YAML reads a bare off as false
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

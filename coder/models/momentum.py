@@ -141,13 +141,15 @@ class MomentumContrast(nn.Module):
         self.queue_w = FeatureQueue(queue_size, dim)  # B_w: text keys
 
     @torch.no_grad()
-    def keys(self, image_encoder, text_encoder, regions, region_lengths, input_ids, text_lengths, clip=None):
-        """Update the key encoders (theta_k = m theta_k + (1 - m) theta_q), then encode the same batch."""
+    def update(self, image_encoder: nn.Module, text_encoder: nn.Module) -> None:
+        """theta_k = m theta_k + (1 - m) theta_q for both key encoders (§3.2; MoCo)."""
         momentum_update(self.key_image_encoder, image_encoder, self.m)
         momentum_update(self.key_text_encoder, text_encoder, self.m)
-        v_key = self.key_image_encoder(regions, region_lengths, clip)
-        w_key = self.key_text_encoder(input_ids, text_lengths)[0]
-        return v_key, w_key
+
+    @torch.no_grad()
+    def encode(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> tuple[Tensor, Tensor]:
+        """The keys (v_key, w_key) of a batch from the key encoders."""
+        return self.key_image_encoder(regions, region_lengths, clip), self.key_text_encoder(input_ids, text_lengths)[0]
 
     def snapshot(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Copies of the banks for the loss: B_v, B_w and the image id of each entry. A copy (MoCo's
@@ -164,6 +166,5 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def encode_pairs(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> Tensor:
         """x = L2norm(v^I + w^I) from the momentum encoders: the k-means input of PGC (§3.4)."""
-        v = self.key_image_encoder(regions, region_lengths, clip)
-        w = self.key_text_encoder(input_ids, text_lengths)[0]
+        v, w = self.encode(regions, region_lengths, input_ids, text_lengths, clip)
         return nn.functional.normalize(v + w, dim=-1)
