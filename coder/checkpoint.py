@@ -244,10 +244,20 @@ def restore_training(path: str | Path, cfg: dict, step, optimizer, scaler, devic
     step.objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
     set_rng_state(ckpt["rng"], seed=cfg["train"]["seed"] + ckpt["global_step"])
     progress = {key: ckpt[key] for key in PROGRESS_KEYS if key in ckpt}
     return {**progress, "kmeans": ckpt["kmeans"]}
+
+
+def restore_scaler(scaler, state: dict) -> None:
+    """fp16's loss scale carried over where the run that wrote it and this one both scale. `train.amp: auto`
+    picks per device, so a checkpoint may meet a scaler of another kind: one written without fp16 (CPU, bf16,
+    off) holds an empty state, which an enabled GradScaler refuses: this run's fp16 scaler then starts at its
+    initial scale and calibrates itself within its first steps; a disabled scaler (fp16 -> bf16, CPU, off)
+    has nothing to restore."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:
