@@ -79,8 +79,6 @@ EARLIER_BEHAVIOUR = {"loss.dcl_positive": "paper", "train.grad_clip_scope": "all
 # keys whose job another key took over: named in the error for a config file that still sets them
 MOVED_KEYS = {"loss.uto_lambda": "loss.instance_weight (UTO's batch term is Eq. 8's instance term; its queue "
                                  "term is weighted by loss.memory_weight)"}
-# values of older versions, translated wherever a config is read
-LEGACY_VALUES = {"train.amp": {True: "auto", False: "off"}}
 
 
 def _holder(data: dict, dotted: str) -> tuple[dict | None, str]:
@@ -93,13 +91,9 @@ def _holder(data: dict, dotted: str) -> tuple[dict | None, str]:
 
 
 def upgrade_config(layer: dict) -> dict:
-    """A config file's mapping with the values of older versions translated (`train.amp: true` is auto); a key
-    whose job another took over is a ConfigError naming both."""
+    """A config file's mapping as today's keys read it: a key whose job another took over is a ConfigError naming
+    both. (The boolean `train.amp` of older versions needs no translation: the schema maps it, `Key.bools`.)"""
     layer = copy.deepcopy(layer)
-    for dotted, values in LEGACY_VALUES.items():
-        node, last = _holder(layer, dotted)
-        if node is not None and isinstance(node.get(last), bool):
-            node[last] = values[node[last]]
     for dotted, replacement in MOVED_KEYS.items():
         node, last = _holder(layer, dotted)
         if node is not None and last in node:
@@ -244,10 +238,20 @@ def restore_training(path: str | Path, cfg: dict, step, optimizer, scaler, devic
     step.objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
     set_rng_state(ckpt["rng"], seed=cfg["train"]["seed"] + ckpt["global_step"])
     progress = {key: ckpt[key] for key in PROGRESS_KEYS if key in ckpt}
     return {**progress, "kmeans": ckpt["kmeans"]}
+
+
+def restore_scaler(scaler, state: dict) -> None:
+    """fp16's loss scale carried over where the run that wrote it and this one both scale. `train.amp: auto`
+    picks per device, so a checkpoint may meet a scaler of another kind: one written without fp16 (CPU, bf16,
+    off) holds an empty state, which an enabled GradScaler refuses: this run's fp16 scaler then starts at its
+    initial scale and calibrates itself within its first steps; a disabled scaler (fp16 -> bf16, CPU, off)
+    has nothing to restore."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict:

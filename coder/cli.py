@@ -11,19 +11,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
 
 from . import demo
-from .checkpoint import load_checkpoint, saved_config, upgrade_config
+from .checkpoint import saved_config, upgrade_config
 from .config import key_table, load_config, merge, nest, parse_override, validate
 from .distributed import cleanup
-from .eccv import format_eccv
 from .engine import NonFiniteLossError, Trainer, resolve_device
-from .errors import CheckpointError, CoderError, ConfigError
+from .errors import CheckpointError, CoderError, ConfigError, EvaluationError
 from .evaluation import (
-    EvaluationError,
     Member,
     check_resamples,
     compare_members,
@@ -31,16 +28,15 @@ from .evaluation import (
     evaluate_members,
     evaluate_split,
     format_comparison,
+    format_eccv,
     format_table,
     member,
+    on_device,
     protocol_fold5,
     write_json,
 )
-from .models.model import build_model
-from .models.text import load_text_backbone
+from .evaluation.loading import Loaded, check_folder, load_for_eval
 from .step import check_config
-
-PATH_KEYS = ("model.text_encoder", "model.concept.vocab")  # where files are; the weights stay the checkpoint's
 
 TRAIN_HELP = """Train an image-text retrieval model: `python train.py --config configs/demo.yaml [--set key=value ...]`.
 
@@ -95,16 +91,6 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
     cfg = load_config(args.config, args.overrides, upgrade=upgrade_config)
     check_config(cfg)  # the names the registries own, before any data is prepared
     return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
-
-
-def check_folder(path: Path, what: str) -> None:
-    """`path` is a folder or can be made one: neither it nor its nearest existing parent is a file."""
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                where = "" if part == path else f": {part}"
-                raise ConfigError(f"{what} {path}{where} is a file, not a folder")
-            return
 
 
 def train_main(argv=None) -> int:
@@ -169,36 +155,6 @@ def eval_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Loaded(NamedTuple):
-    path: str
-    ckpt: dict
-    cfg: dict
-    model: object
-    tokenizer: object
-    beta: float | None  # the fusion weight picked on dev in training, unless --set eval.beta chose one
-
-
-def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
-    if Path(path).is_dir():
-        raise CheckpointError(f"--checkpoint {path} is a folder; expected a checkpoint file, e.g. "
-                              f"{Path(path) / 'model_best.pth'}")
-    ckpt = load_checkpoint(path)
-    cfg = saved_config(ckpt["config"])  # keys added since the checkpoint was written take their defaults
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:
-            raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys and the paths "
-                              f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
-        merge(cfg, nest(keys, value))
-    validate(cfg)
-    check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
-    bert, tokenizer = load_text_backbone(cfg["model"]["text_encoder"], cfg["model"]["text_layers"])
-    model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
-    model.load_state_dict(ckpt["model"])
-    chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in overrides)
-    return Loaded(path, ckpt, cfg, model, tokenizer, None if chosen else ckpt.get("beta"))
-
-
 def checkpoint_info(loaded: Loaded) -> dict:
     return {"path": str(Path(loaded.path).resolve()), "epoch": loaded.ckpt.get("epoch"),
             "config_sha256": config_hash(loaded.cfg)}
@@ -213,7 +169,7 @@ def encode_member(loaded: Loaded, split: str, device, progress: bool, first: Loa
             raise EvaluationError(f"{loaded.path} reads split '{split}' from {other['root']}, {first.path} from "
                                   f"{data['root']}: models compared or ensembled need one split (--set data.root=...)")
     emb = encode_for_split(loaded.model, loaded.cfg, loaded.tokenizer, split, device, progress)
-    return member(emb, loaded.cfg["eval"]["beta"] if loaded.beta is None else loaded.beta)
+    return member(on_device(emb, device), loaded.fusion_beta)  # ranked where the model ran
 
 
 def ensemble_result(args, first: Loaded, members: list[Member], split: str, device) -> dict:

@@ -72,6 +72,7 @@ class Key:
     allowed: Range | tuple | str | None = None
     reads: tuple[str, ...] = ()
     auto: bool = False
+    bools: tuple[str, str] | None = None  # (for false, for true): YAML 1.1 reads a bare off / on as a bool
 
 
 # the terms of coder/losses/registry.py that read a loss key (memory_dcl_div: M-DCL weighted by Eq. 3)
@@ -186,7 +187,8 @@ SCHEMA: dict[str, Key] = {
                                  ("all", "branch")),
     "train.seed": Key(0, "seed of every random stream (seed + epoch must fit NumPy's seeds)", Range(0, 2**31 - 1)),
     "train.amp": Key("auto", "encoder precision (losses stay float32): auto = bf16 on GPUs with native bf16, fp16 "
-                     "with a gradient scaler on older ones, off on the CPU", ("auto", "bf16", "fp16", "off")),
+                     "with a gradient scaler on older ones, off on the CPU", ("auto", "bf16", "fp16", "off"),
+                     bools=("off", "auto")),
     "train.tf32": Key(False, "TF32 for float32 matmuls of the step on CUDA (never for k-means or ranking)"),
     "train.deterministic": Key(False, "bitwise-repeatable CUDA kernels (deterministic algorithms, no autotuning)"),
     "train.log_every": Key(10, "steps between logged steps", POSITIVE),
@@ -257,6 +259,8 @@ def merge(base: dict, override: dict, prefix: str = "") -> None:
             merge(default, value, prefix=f"{path}.")
         elif SCHEMA[path].auto and (value == "auto" or _is_number(value, int)):
             base[key] = value
+        elif SCHEMA[path].bools is not None and isinstance(value, bool):
+            base[key] = SCHEMA[path].bools[value]  # `--set train.amp=off` arrives as False
         else:
             base[key] = _check_type(path, SCHEMA[path].default, value)
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import distributed as dist
+from .batchnorm import global_batchnorm_within
 from .checkpoint import (
     PROGRESS_KEYS,
     atomic_save,
@@ -35,7 +36,8 @@ from .data.workers import loader_options
 from .errors import NonFiniteLossError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
-from .models.model import build_model
+from .models.heads import ImageHead
+from .models.model import ImageEncoder, build_model
 from .models.text import load_text_backbone
 from .precision import set_deterministic, tf32
 from .runlog import progress_bars
@@ -162,8 +164,8 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
     """The step as DistributedDataParallel over `world` processes (itself in one process)."""
     if world == 1:
         return step
-    if device.type == "cuda" and sync_batchnorm:
-        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    if device.type == "cuda" and sync_batchnorm:  # the image side's BatchNorm over the global batch, sync-free
+        step = global_batchnorm_within(step, (ImageEncoder, ImageHead))
     return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
@@ -306,7 +308,8 @@ class Trainer:
             if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
                 self._check_finite(bad, epoch)
                 self._log_step(loss, terms, diag, grad_norms, lr, seen / (time.perf_counter() - tic))
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable:  # a hidden bar's loss would be one more wait for the device
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
                 self._check_finite(bad, epoch)
                 self.save_last()

@@ -33,3 +33,23 @@ class ModelFileError(MissingFileError):
 
 class NonFiniteLossError(CoderError, RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+class EvaluationError(CoderError, ValueError):
+    """An evaluation protocol asked of a split it does not fit."""
+
+
+class NonFiniteScoresError(CoderError, ValueError):
+    """Embeddings or similarities hold NaN/inf: a diverged model has no recall to report."""
+
+
+class EccvSplitError(CoderError, ValueError):
+    """ECCV Caption metrics were asked for a split that is not COCO's 5K test."""
+
+
+class ReportError(CoderError, ValueError):
+    """A report input is missing or inconsistent (images folder, image file, checkpoint contents)."""
+
+
+class ConceptError(CoderError, ValueError):
+    """Bad input for the concept vocabulary (file, key or shape named in the message)."""

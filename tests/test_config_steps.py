@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from coder.concepts import build_concepts, read_captions, tokenize
 from coder.config import load_config
 from coder.demo import generate_demo_data
 from coder.engine import Trainer
+from coder.tools.vocabulary import build_concepts, read_captions, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

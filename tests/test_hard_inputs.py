@@ -158,6 +158,8 @@ def test_numeric_value_outside_its_range(capsys, config, tmp_path):
     assert "must be positive, got -0.1" in train_fails(capsys, config, tmp_path, "train.lr=-0.1")
     assert "'model.momentum.m' must be in [0, 1), got 1.0" in train_fails(capsys, config, tmp_path,
                                                                        "model.momentum.m=1.0")
+    # a decay factor of 0 would zero the learning rate at the first of train.lr_decay_epochs
+    assert "'train.lr_decay' must be in (0, 1], got 0" in train_fails(capsys, config, tmp_path, "train.lr_decay=0")
 
 
 @row("Config value that is NaN or inf")
@@ -491,7 +493,7 @@ def test_glove_bad_line(capsys, data, tmp_path):
 
 @row("NaN or inf in a GloVe row")
 def test_glove_non_finite_row(capsys, data, tmp_path):
-    from coder.concepts import heuristic_pos, tokenize
+    from coder.tools.vocabulary import heuristic_pos, tokenize
 
     words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
     glove = tmp_path / "glove.txt"
@@ -621,7 +623,7 @@ def test_eccv_needs_coco_5k(capsys, monkeypatch, trained):
     def encode(*args, **kwargs):
         raise AssertionError("the split was encoded before --eccv refused it")
 
-    monkeypatch.setattr("coder.evaluation.evaluate_model", encode)
+    monkeypatch.setattr("coder.evaluation.splits.evaluate_model", encode)
     code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
     assert code == 2
     assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)
@@ -658,6 +660,48 @@ def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, tw
     assert seen and {name: digest(out / name) for name in seen} == seen  # byte-for-byte what epoch 0 wrote
     assert load_checkpoint(out / "checkpoint_last.pth")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_non_finite_loss_early_in_a_logging_window_is_not_forgotten(capsys, monkeypatch, config, tmp_path):
+    """With train.log_every 2, a NaN loss at step 1 followed by finite steps stops the run at the window's
+    check (step 2). The NaN is added to the loss (its gradients stay finite, so the weights do not carry it
+    into the later steps): only the flag accumulated over the window remembers it."""
+    from coder.step import Objective
+
+    forward, calls = Objective.forward, []
+
+    def nan_at_step_1(self, *args, **kwargs):
+        loss, terms, diag = forward(self, *args, **kwargs)
+        calls.append(1)
+        return (loss + float("nan") if len(calls) == 1 else loss), terms, diag
+
+    monkeypatch.setattr(Objective, "forward", nan_at_step_1)
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "run"),
+                          "--set", "train.log_every=2", "--set", "train.max_steps_per_epoch=3")
+    assert code == 1, err
+    assert_message("Non-finite loss", err)
+    assert "in epoch 0 near step 2;" in err
+
+
+def test_a_non_finite_loss_is_never_saved_by_a_mid_epoch_checkpoint(capsys, monkeypatch, config, tmp_path):
+    """A NaN at step 1 that reaches the weights, a mid-epoch checkpoint due after that step (save_every 1) and
+    no log line before the epoch's end (log_every 100): the run stops before the save, and no checkpoint of
+    NaN weights is left to resume from."""
+    from coder.step import Objective
+
+    forward = Objective.forward
+
+    def nan_everywhere(self, *args, **kwargs):
+        loss, terms, diag = forward(self, *args, **kwargs)
+        return loss * float("nan"), terms, diag
+
+    monkeypatch.setattr(Objective, "forward", nan_everywhere)
+    out = tmp_path / "run"
+    code, err = run_train(capsys, "--config", str(config), "--output", str(out), "--set", "train.log_every=100",
+                          "--set", "train.save_every=1")
+    assert code == 1, err
+    assert "in epoch 0 near step 1;" in err
+    assert not (out / "checkpoint_last.pth").exists() and not (out / "model_best.pth").exists()
 
 
 @row("Disk full while writing a checkpoint")

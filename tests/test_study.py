@@ -258,6 +258,29 @@ def test_a_shared_run_made_with_other_settings_is_not_reused(tmp_path, capsys):
     assert "entry 'row' asks for" in capsys.readouterr().err
 
 
+def test_an_entry_with_fewer_luckier_seeds_is_not_chosen_on_dev(tmp_path):
+    """'chosen on dev' compares the entries over the seeds every one of them finished: 'many' beats 'few' on
+    seeds 0-1 (410 against 405); over its own seeds 'many' averages 403.3 for its unlucky seed 2, which 'few'
+    never ran, and would lose."""
+    runs = {"many": [410.0, 410.0, 390.0], "few": [405.0, 405.0]}
+    out = tmp_path / "runs"
+    for name, devs in runs.items():
+        for seed, dev in enumerate(devs):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps(
+                {"rsum": 500.0, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
+        {"name": name, "group": "g", "config": "configs/demo.yaml"} for name in runs]}))
+    lines = study.table(study.load_study(spec), out, [0, 1, 2]).splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    rows = {line.split("|")[1].strip(): dict(zip(header, [c.strip() for c in line.split("|")])) for line in lines[2:]}
+    assert [name for name, row in rows.items() if row["choice"] == "chosen on dev"] == ["many"]
+    assert rows["few"]["seeds"] == "2" and rows["many"]["seeds"] == "3"
+    assert rows["few"]["Δ dev R@sum vs group's first [95% CI]"] == "-5.0 [-5.0, -5.0]"  # paired on seeds 0-1
+
+
 def test_study_tables_go_into_docs_never_into_a_readme(tmp_path, capsys):
     """--docs alone names docs/studies.md; a README (also by the former flag --readme) is refused, and a page
     without the study's block is refused before anything trains or is checked (the entry's unknown key would be

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_gather_rows
+from ..distributed import all_gather_equal_rows
 
 __all__ = ["momentum_update", "make_key_encoder", "FeatureQueue", "MomentumContrast"]
 
@@ -40,8 +40,8 @@ def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
     key_buffers, query_buffers = _paired(key.named_buffers(), query.named_buffers(), "buffer")
     if key_params:
         torch._foreach_lerp_(key_params, query_params, 1.0 - m)  # k + (1-m)(q - k), MoCo's update
-    for k, q in zip(key_buffers, query_buffers):
-        k.copy_(q)
+    if key_buffers:
+        torch._foreach_copy_(key_buffers, query_buffers)  # one op for every buffer, not one per buffer
 
 
 def _paired(key_named, query_named, kind: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -100,7 +100,8 @@ class FeatureQueue(nn.Module):
         """Write a batch of keys (B, dim) and their image ids (B,) over the oldest entries.
 
         Under DDP (initialised, world size > 1) keys and ids of all ranks are gathered first, in
-        rank order, so every rank holds the same queue. Batches that do not divide the size wrap
+        rank order, so every rank holds the same queue; every rank enqueues as many rows (a training
+        batch: the loader drops the uneven last one). Batches that do not divide the size wrap
         around; a batch larger than the queue keeps its newest `size` keys.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
@@ -111,7 +112,8 @@ class FeatureQueue(nn.Module):
             )
         keys = keys.detach().to(self.features)
         ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
-        keys, ids = all_gather_rows(keys, ids)  # every rank's keys in rank order (a no-op in one process)
+        # every rank's keys in rank order (a no-op in one process); every rank's batch has B rows (drop_last)
+        keys, ids = all_gather_equal_rows(keys, ids)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
         start = self._ptr
