@@ -5,15 +5,19 @@ Stages, each timed, all written to one JSON:
               after its first mid-epoch checkpoint and resumed with --resume auto: test metrics must be equal
               (train.deterministic on; a process killed any time later resumes from the same file);
   sync        a few training steps of that run under torch.cuda.set_sync_debug_mode("warn"): warnings per step
-              (on the CPU: the operations that would sync, counted with a dispatch mode);
+              (on the CPU: what a CUDA run would sync, counted on device doubles, benchmarks/host_syncs.py);
   train_step  triplet / CODER instance / full CODER / USER at batch 128, 36 x 2,048 regions, BERT-base (random
               weights), bf16 autocast and fp32 (benchmarks/train_step.py), with peak reserved memory;
   kmeans      spherical k-means at F30K (145,000 x 1,024 -> 10,000) and COCO (566,435 x 1,024 -> 10,000) size;
   eval        COCO 5K (5-fold 1K and 5K) of full CODER with a BERT-base text encoder (random weights).
 
-    python benchmarks/gpu_check.py [--dry-run] [--out gpu_check.json] [--work DIR]
+    python benchmarks/gpu_check.py [--dry-run] [--out gpu_check.json] [--work DIR] [--stages ...]
+                                   [--max-syncs 2]
 
-`--dry-run` runs every stage on the CPU at tiny sizes (seconds), with the same JSON keys.
+`--dry-run` runs every stage on the CPU at tiny sizes (seconds), with the same JSON keys. Exits 1 when a
+target fails (listed under "failures" and on stderr): the resumed run's metrics not equal to the uninterrupted
+run's, more host syncs per training step than `--max-syncs` (2), a loader with training's workers and pinned
+memory slower than the step it feeds.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_syncs  # noqa: E402
 import kmeans as kmeans_bench  # noqa: E402
 import train_step as step_bench  # noqa: E402
 
@@ -46,6 +50,7 @@ from coder.precision import tf32  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["triplet", "coder_instance", "coder", "user"]
+STAGES = ["resume", "sync", "train_step", "kmeans", "eval"]
 FULL = {"demo": {}, "demo_steps": 0, "save_every": 10, "sync_steps": 6, "step_batch": 128, "step_steps": 5,
         "text": "bert-base", "kmeans": [(145_000, 10_000), (566_435, 10_000)], "eval_images": 5000,
         "bert": (768, 12, 12)}
@@ -55,13 +60,13 @@ DRY = {"demo": {"train_images": 40, "dev_images": 10, "test_images": 10}, "demo_
        "step_overrides": ["model.embed_dim=32", "cluster.k=5", "model.momentum.queue_size=16",
                           "model.concept.gcn_hidden=16"]}
 TRAINERS: dict = {}  # the resumed demo Trainer, handed from the resume stage to the sync stage
-SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+MAX_SYNCS_PER_STEP = host_syncs.MAX_SYNCS_PER_STEP
 
 
 def amp_override(on: bool) -> str:
     """train.amp as this version of the config spells it (a bool, or the bf16 | fp16 | off modes)."""
     return f"train.amp={str(on).lower()}" if isinstance(DEFAULTS["train"]["amp"], bool) else \
-        f"train.amp={'bf16' if on else 'off'}"
+        f"train.amp='{'bf16' if on else 'off'}'"  # quoted: YAML reads a bare off as false
 
 
 def demo_config(root: Path, device: str, plan: dict, extra=()) -> dict:
@@ -79,13 +84,21 @@ class StopAfterFirstSave(Exception):
     """Raised right after the first mid-epoch checkpoint: nothing later reaches the disk, as after a kill."""
 
 
-def stage_resume(work: Path, device: str, plan: dict) -> dict:
+def demo_data(work: Path, device: str, plan: dict) -> dict:
+    """The demo's config, its data written once."""
     cfg = demo_config(work / "demo_data", device, plan)
+    if (Path(cfg["data"]["root"]) / "train_caps.txt").exists():
+        return cfg
     if plan["demo"]:  # tiny splits, then the demo's concept vocabulary for them
         generate_demo_data(cfg["data"]["root"], seed=0, **plan["demo"])
         ensure_demo_concepts(cfg["data"]["root"], concept_vocab_path(cfg))
     else:
         prepare_demo(cfg)  # what train.py does for data.prepare: demo
+    return cfg
+
+
+def stage_resume(work: Path, device: str, plan: dict) -> dict:
+    cfg = demo_data(work, device, plan)
     whole = Trainer(cfg, work / "whole", progress=False).fit()
     stopped = Trainer(cfg, work / "resumed", progress=False)
     save = stopped.save_last
@@ -111,48 +124,46 @@ def stage_resume(work: Path, device: str, plan: dict) -> dict:
             "metrics_equal": diff == 0 and whole["rsum"] == resumed["rsum"], "max_abs_diff": diff}
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the operations that make the host wait for the device (a scalar read, data-dependent shapes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += any(op in func.__name__ for op in SYNC_OPS)
-        return func(*args, **(kwargs or {}))
-
-
 @contextmanager
-def count_syncs(device: str):
-    """Yields a dict whose "count" is, after the block, CUDA's sync warnings or (CPU) the counted operations."""
+def cuda_sync_warnings():
+    """Yields a dict whose "count" is, after the block, CUDA's sync warnings (set_sync_debug_mode)."""
     found = {"count": 0}
-    if device == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield found
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        found["count"] = sum("synchroniz" in str(w.message) for w in caught)
-    else:
-        with SyncCounter() as counter:
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             yield found
-        found["count"] = counter.count
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found["count"] = sum("synchroniz" in str(w.message) for w in caught)
 
 
-def stage_sync(device: str, plan: dict) -> dict:
-    """A few more steps of the resumed demo run (its loader, model and banks as training left them)."""
-    trainer, steps = TRAINERS["demo"], plan["sync_steps"]
-    trainer.cfg["train"].update(max_steps_per_epoch=steps + 1, log_every=1000, save_every=0)
-    trainer.step_in_epoch = 0
-    trainer.train_epoch(1)  # warm-up: first-call allocations and lazy initialisation
-    trainer.step_in_epoch, trainer.cfg["train"]["max_steps_per_epoch"] = 0, steps
-    with count_syncs(device) as found:
-        trainer.train_epoch(1)
-    return {"mode": "cuda sync debug warnings" if device == "cuda" else "cpu: sync-causing ops counted",
-            "steps": steps, "syncs": found["count"], "syncs_per_step": found["count"] / steps}
+def cuda_per_step(trainer: Trainer, steps: int) -> dict:
+    """Syncs per step as CUDA reports them: an epoch of steps + 1 minus one of 1 step (set-up and end cancel)."""
+    def epoch(n: int) -> int:
+        trainer.cfg["train"]["max_steps_per_epoch"], trainer.step_in_epoch = n, 0
+        with cuda_sync_warnings() as found:
+            trainer.train_epoch(1)
+        return found["count"]
+    epoch(1)  # warm-up: first-call allocations and lazy initialisation
+    long, short = epoch(steps + 1), epoch(1)
+    return {"syncs_per_step": (long - short) / steps}
+
+
+def stage_sync(work: Path, device: str, plan: dict) -> dict:
+    """A few more steps of the resumed demo run (its loader, model and banks as training left them; a fresh
+    demo run when the resume stage did not run). On CUDA: the syncs CUDA reports; on the CPU: those a CUDA run
+    would make, counted on device doubles (benchmarks/host_syncs.py)."""
+    trainer, steps = TRAINERS.get("demo"), plan["sync_steps"]
+    if trainer is None:
+        trainer = Trainer(demo_data(work, device, plan), work / "sync", progress=False)
+    trainer.cfg["train"].update(log_every=1000, save_every=0)
+    if device == "cuda":
+        found = cuda_per_step(trainer, steps)
+    else:
+        found = host_syncs.per_step(host_syncs.on_device_doubles(trainer), steps)
+    return {"mode": "cuda sync debug warnings" if device == "cuda" else "cpu: device doubles (host_syncs.py)",
+            "steps": steps, "max_per_step": plan.get("max_syncs", MAX_SYNCS_PER_STEP), **found}
 
 
 def stage_train_step(work: Path, device: str, plan: dict) -> dict:
@@ -214,20 +225,42 @@ def machine(device: str) -> dict:
     return info
 
 
-def run(dry_run: bool, work: Path) -> dict:
+def failures(report: dict) -> list[str]:
+    """The targets a report misses, one line each: resumed metrics not equal to the uninterrupted run's, more
+    syncs per step than the limit, a loader (training's workers and pinned memory) slower than the step."""
+    out = []
+    resume = report.get("resume")
+    if resume is not None and not resume["metrics_equal"]:
+        out.append(f"resume: the resumed run's test metrics differ from the uninterrupted run's "
+                   f"(R@sum {resume['rsum_resumed']} against {resume['rsum_uninterrupted']})")
+    sync = report.get("sync")
+    if sync is not None and sync["syncs_per_step"] > sync["max_per_step"]:
+        out.append(f"sync: {sync['syncs_per_step']:g} host syncs per step, over the limit {sync['max_per_step']:g}"
+                   + (f" ({sync['where']})" if sync.get("where") else ""))
+    for precision, rows in report.get("train_step", {}).items():
+        out += [f"train_step {precision} {r['method']}: the loader takes {r['loader_s']:.4f} s per batch "
+                f"({r['num_workers']} workers), slower than the step's {r['step_s']:.4f} s"
+                for r in rows if r["loader_s"] > r["step_s"]]
+    return out
+
+
+def run(dry_run: bool, work: Path, only=None, max_syncs: float = MAX_SYNCS_PER_STEP) -> dict:
     device = "cpu" if dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --dry-run to check the stages on the CPU)")
-    plan = DRY if dry_run else FULL
+    plan = {**(DRY if dry_run else FULL), "max_syncs": max_syncs}
     report = {"dry_run": dry_run, "machine": machine(device), "seconds": {}}
-    stages = {"resume": lambda: stage_resume(work, device, plan), "sync": lambda: stage_sync(device, plan),
+    stages = {"resume": lambda: stage_resume(work, device, plan), "sync": lambda: stage_sync(work, device, plan),
               "train_step": lambda: stage_train_step(work, device, plan),
               "kmeans": lambda: stage_kmeans(device, plan), "eval": lambda: stage_eval(work, device, plan)}
     for name, stage in stages.items():
+        if only and name not in only:
+            continue
         tic = time.perf_counter()
         report[name] = stage()
         report["seconds"][name] = time.perf_counter() - tic
         print(f"gpu_check: {name} done in {report['seconds'][name]:.1f} s", flush=True)
+    report["failures"] = failures(report)
     return report
 
 
@@ -236,12 +269,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--work", help="folder for the data and runs (default: a temporary one)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, help="only these stages (default: every one)")
+    parser.add_argument("--max-syncs", type=float, default=MAX_SYNCS_PER_STEP,
+                        help="host syncs per training step above which the check fails")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run(args.dry_run, Path(args.work or tmp))
+    TRAINERS.clear()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        report = run(args.dry_run, Path(args.work or tmp), args.stages, args.max_syncs)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"gpu_check: written {args.out}")
-    return 0
+    for line in report["failures"]:
+        print(f"gpu_check: FAILED {line}", file=sys.stderr)
+    return 1 if report["failures"] else 0
 
 
 if __name__ == "__main__":

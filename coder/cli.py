@@ -11,19 +11,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
 
 from . import demo
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, from_dict, load_config, merge, nest, parse_override, validate
+from .checkpoint import saved_config, upgrade_config
+from .config import key_table, load_config, merge, nest, parse_override, validate
 from .distributed import cleanup
-from .eccv import format_eccv
 from .engine import NonFiniteLossError, Trainer, resolve_device
-from .errors import CoderError
+from .errors import CheckpointError, CoderError, ConfigError, EvaluationError
 from .evaluation import (
-    EvaluationError,
     Member,
     check_resamples,
     compare_members,
@@ -31,15 +28,15 @@ from .evaluation import (
     evaluate_members,
     evaluate_split,
     format_comparison,
+    format_eccv,
     format_table,
     member,
+    on_device,
     protocol_fold5,
     write_json,
 )
-from .models.bigru import load_text
-from .models.model import build_model
-
-PATH_KEYS = ("model.text_encoder", "model.concept.vocab")  # where files are; the weights stay the checkpoint's
+from .evaluation.loading import Loaded, check_folder, load_for_eval
+from .step import check_config
 
 TRAIN_HELP = """Train an image-text retrieval model: `python train.py --config configs/demo.yaml [--set key=value ...]`.
 
@@ -49,7 +46,7 @@ EVAL_HELP = """Evaluate a checkpoint: `python evaluate.py --checkpoint runs/f30k
 
 Prints the paper's Table-1 row(s) and writes eval_<split>.json next to the checkpoint (or to --output).
 
-Evidence on one test split (see README, "Evaluation"):
+Evidence on one test split (see docs/evaluation.md):
   --compare B.pth      paired bootstrap of ΔR@1/5/10 (i2t, t2i) and ΔR@sum, this checkpoint minus B, with 95%
                        percentile intervals: the test images are resampled with replacement, each with its
                        captions (i2t queries are images, t2i queries captions; one image's captions share
@@ -70,6 +67,8 @@ def train_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", help="a run folder (its config.yaml and checkpoint_last.pth: nothing else is "
                         "needed), 'auto' (the output folder's checkpoint_last.pth, if any) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--keys", action="store_true", help="list every config key (default, allowed values, what "
+                        "it does) and exit")
     return parser.parse_args(argv)
 
 
@@ -81,7 +80,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
         saved, last = run / "config.yaml", run / "checkpoint_last.pth"
         if not saved.is_file() or not last.is_file():
             raise CheckpointError(f"--resume {run}: nothing to resume, expected {saved} and {last}")
-        cfg = from_dict(yaml.safe_load(saved.read_text()))
+        cfg = saved_config(yaml.safe_load(saved.read_text()))
         for text in args.overrides:
             keys, value = parse_override(text)
             merge(cfg, nest(keys, value))
@@ -89,22 +88,16 @@ def resolve_run(args: argparse.Namespace) -> tuple[dict, Path, str | None]:
         return cfg, run, "auto"
     if not args.config:
         raise ConfigError("--config is required (or --resume RUN_DIR with a run folder)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, upgrade=upgrade_config)
+    check_config(cfg)  # the names the registries own, before any data is prepared
     return cfg, Path(args.output) if args.output else Path("runs") / cfg["name"], args.resume
-
-
-def check_folder(path: Path, what: str) -> None:
-    """`path` is a folder or can be made one: neither it nor its nearest existing parent is a file."""
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                where = "" if part == path else f": {part}"
-                raise ConfigError(f"{what} {path}{where} is a file, not a folder")
-            return
 
 
 def train_main(argv=None) -> int:
     args = train_args(argv)
+    if args.keys:
+        print(key_table(), end="")
+        return 0
     try:
         cfg, output, resume = resolve_run(args)
         check_folder(output, "--output" if args.output else "the output folder")
@@ -162,36 +155,6 @@ def eval_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Loaded(NamedTuple):
-    path: str
-    ckpt: dict
-    cfg: dict
-    model: object
-    tokenizer: object
-    beta: float | None  # the fusion weight picked on dev in training, unless --set eval.beta chose one
-
-
-def load_for_eval(path: str, overrides: list[str], device) -> Loaded:
-    if Path(path).is_dir():
-        raise CheckpointError(f"--checkpoint {path} is a folder; expected a checkpoint file, e.g. "
-                              f"{Path(path) / 'model_best.pth'}")
-    ckpt = load_checkpoint(path)
-    cfg = from_dict(ckpt["config"])  # keys added since the checkpoint was written take their defaults
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] not in ("data", "eval") and ".".join(keys) not in PATH_KEYS:
-            raise ConfigError(f"evaluate.py only overrides data.* and eval.* keys and the paths "
-                              f"{', '.join(PATH_KEYS)}, not '{'.'.join(keys)}'")
-        merge(cfg, nest(keys, value))
-    validate(cfg)
-    check_folder(Path(cfg["data"]["root"]), "config key 'data.root'")
-    bert, tokenizer = load_text(cfg, ckpt["model"])  # a BiGRU's vocabulary is the checkpoint's
-    model = build_model(cfg, bert, ckpt["model"]).to(device)  # concept buffers come from the checkpoint
-    model.load_state_dict(ckpt["model"])
-    chosen = any(text.split("=", 1)[0].strip() == "eval.beta" for text in overrides)
-    return Loaded(path, ckpt, cfg, model, tokenizer, None if chosen else ckpt.get("beta"))
-
-
 def checkpoint_info(loaded: Loaded) -> dict:
     return {"path": str(Path(loaded.path).resolve()), "epoch": loaded.ckpt.get("epoch"),
             "config_sha256": config_hash(loaded.cfg)}
@@ -206,7 +169,7 @@ def encode_member(loaded: Loaded, split: str, device, progress: bool, first: Loa
             raise EvaluationError(f"{loaded.path} reads split '{split}' from {other['root']}, {first.path} from "
                                   f"{data['root']}: models compared or ensembled need one split (--set data.root=...)")
     emb = encode_for_split(loaded.model, loaded.cfg, loaded.tokenizer, split, device, progress)
-    return member(emb, loaded.cfg["eval"]["beta"] if loaded.beta is None else loaded.beta)
+    return member(on_device(emb, device), loaded.fusion_beta)  # ranked where the model ran
 
 
 def ensemble_result(args, first: Loaded, members: list[Member], split: str, device) -> dict:

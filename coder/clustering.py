@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .data import collate
+from .data.workers import loader_options
 
 
 @dataclass
@@ -151,12 +156,6 @@ def cluster_training_pairs(encode_pairs, dataset, *, k: int, iters: int, init: T
 
     Returns (labels by dataset index, centroids (k, F) zero-padded when there are fewer points than k, and
     rank 0's KMeansResult for logging; None elsewhere)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from . import distributed as dist
-    from .data import collate
-    from .data.workers import loader_options
-
     bounds = [len(dataset) * r // world for r in range(world + 1)]
     share = Subset(dataset, range(bounds[rank], bounds[rank + 1]))
     loader = DataLoader(share, batch_size=batch_size, collate_fn=collate,

@@ -1,9 +1,14 @@
-"""Configuration: the schema with paper-faithful defaults, YAML loading, `--set` overrides, validation.
+"""Configuration: every key defined once in `SCHEMA` (default, allowed values, one line of doc), YAML loading,
+`--set` overrides and validation.
 
-`DEFAULTS` is the schema: a YAML file may only name keys that exist here, with values of the same type
-(ints are accepted where a float is expected; `None` defaults accept a string or None). Every choice the
-paper leaves open is a key here; the defaults are the CODER paper's values (§4.2) unless a comment says
-otherwise.
+A YAML file may only name keys of the schema, with values of the default's type (ints are accepted where a float
+is expected; `None` defaults accept a string, a number or None). The defaults are the CODER paper's values (§4.2)
+unless the doc says otherwise. `python train.py --keys` prints the table (docs/config.md is that table).
+
+Names that a registry owns (aggregators, concept encoders and scores, instance losses, DCL's positive form) are
+checked by the builder that reads them, with the same one-line error (`check_choice`): this module imports nothing
+from the rest of the package but its error class. Configs and checkpoints of older versions are upgraded in
+coder/checkpoint.py (`upgrade_config`).
 """
 from __future__ import annotations
 
@@ -11,345 +16,15 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from .errors import CoderError
+from .errors import ConfigError
 
-
-class ConfigError(CoderError, ValueError):
-    """A config file, key or value is wrong; the message names the key."""
-
-
-DEFAULTS: dict[str, Any] = {
-    "name": "",  # run name; default output dir is runs/<name>
-    "data": {
-        "root": "data/f30k_precomp",
-        "dataset": "f30k",  # f30k | coco: selects the evaluation protocol (CODER §4.1)
-        "train_split": "train",
-        "val_split": "dev",
-        "test_split": "test",  # COCO: testall (5-fold 1K + 5K)
-        "val_max_captions": 5000,  # dev is capped to its first 5,000 captions
-        "captions_per_image": 5,
-        "max_words": 32,
-        "augment": True,  # VSE-infinity's training augmentations
-        "region_dropout": 0.2,
-        "word_corruption": 0.2,
-        # DataLoader workers: an int >= 0, or auto = 0 on the CPU, on CUDA the CPUs of this process but one (<= 8)
-        "num_workers": "auto",
-        "prepare": "",  # "demo": train.py writes the embedded demo data into data.root on first use
-        "clip_features": False,  # load S_clip.npy (USER's CGE), model.user.clip_dim wide
-    },
-    "model": {
-        # bert: a pretrained BERT (model.text_encoder; CODER §4.2); bigru: word embeddings + a bidirectional GRU
-        # over a vocabulary of the training captions (model.bigru; VSE-infinity's `bigru` branch)
-        "text_backbone": "bert",
-        "text_encoder": "bert-base-uncased",  # local dir, cached HF name, or pkg://<module>/<subdir>
-        "embed_dim": 1024,  # F, the joint space (§4.2)
-        "region_dim": 2048,
-        "num_regions": 36,  # L (§4.2); USER's SGE needs exactly this many
-        "aggregator": "gpo",  # gpo | mean | max (VSE-infinity's heads, CODER §3.2)
-        "text_layers": None,  # keep only the first N transformer layers (None = all)
-        # BERT computes real word-pieces only (packed; attention masks padding as BERT does): the same states
-        # up to float rounding, without the padded tokens of a batch padded to its longest caption
-        "text_packing": True,
-        "bigru": {  # model.text_backbone bigru; defaults are VSE-infinity's (`bigru` branch, lib/encoders.py)
-            "word_dim": 300,
-            "hidden": 1024,  # per direction; with merge mean (and hidden = embed_dim) the text head has no FC
-            "layers": 1,
-            "merge": "mean",  # mean: the two directions averaged (VSE-infinity) | concat: 2 x hidden wide
-            "min_count": 4,  # training-caption occurrences a word needs to enter the vocabulary (VSE-infinity: 4)
-            "vocab": "",  # a run's vocab.json to reuse; "" = built from data.train_split's captions only
-            "glove": "",  # GloVe text file (glove.840B.300d.txt) for the word vectors; "" = uniform +-0.1
-        },
-        "concept": {  # concept branch (§3.2, Eq. 2); off for instance-only models
-            "enabled": False,
-            "vocab": "",  # concepts.npz from scripts/build_concepts.py; "" = <data.root>/concepts.npz
-            "gcn_hidden": 512,
-            "smoothness": 10.0,  # lambda in Eq. 2
-            # §3.2's "concept-level feature encoders" (Fig. 2(b)), which Eq. 2 does not show: none = Eq. 2 as
-            # printed (q^T W y); cvse = tanh(BN(Linear)) on the query and on Y before scoring, as CVSE [49]
-            "encoder": "none",
-            # Eq. 2's score: bilinear = q^T W y with W in R^{F x F} as printed; cvse = CVSE's [49] w^T (q * y) + b
-            "score": "bilinear",
-            "learn_smoothness": False,  # Eq. 2's lambda trained (from `smoothness`) instead of fixed
-            # §3.2's query features v_C^q, w_C^q: heads = "another group of feature aggregators" as written;
-            # instance = the instance embeddings v^I, w^I (CVSE's [49] consensus queries)
-            "query_source": "heads",
-            # §3.2 / Eq. 8: L_DCL^C and L_PGC do not train what the query is read from (BERT states or v^I, w^I)
-            "detach_query": False,
-            # Eq. 2: W^w is the same parameter (and encoders) as W^v instead of a separate one
-            "share_query": False,
-        },
-        "momentum": {  # coupled momentum encoders and memory banks (§3.2, MoCo)
-            "enabled": False,
-            "m": 0.995,
-            "queue_size": 4096,
-        },
-        "user": {  # USER's enhancement modules (GSE: SGE and CGE)
-            "sge": False,
-            "cge": False,
-            "dropout": 0.4,  # SGE dropout (USER's code)
-            "lambda_att": 1.0,
-            "clip_dim": 512,  # width of the precomputed CLIP embeddings CGE reads (ViT-B/32: 512)
-        },
-    },
-    "loss": {
-        # instance-level batch loss: triplet (VSE++ hardest negatives) | infonce | dcl (Eq. 5) |
-        # dcl_implicit (Eq. 4) | uto (USER's UTO) | any name given to register_instance_loss
-        "instance": "dcl",
-        "instance_weight": 3.0,  # lambda in Eq. 8
-        "margin": 0.2,  # triplet margin
-        "warmup_epochs": 1,  # triplet: epochs of all-negatives before hardest negatives (VSE-infinity)
-        "temperature": 0.05,  # InfoNCE temperature (our choice; the paper gives none)
-        "mu": 0.1,  # Eq. 4-5
-        "gamma": 0.3,
-        "eps": 0.1,  # Eq. 3
-        # DCL's positive term (Eq. 4-6, L_DCL^I, M-DCL and L_DCL^C): "paper" = mu * [neg - log(1 + S_pos)]
-        # as printed; "unscaled" = mu * neg - log(1 + S_pos), as USER's code. Default chosen by the seeded
-        # demo study on dev (README: "Where we depart from the printed equations").
-        "dcl_positive": "unscaled",
-        "detach_diversity": True,  # diversity is a weight, not a gradient path (our reading of Eq. 3)
-        "bank_diversity": True,  # average batch and bank diversity when banks exist (§3.3, Table 3 "MB")
-        "memory_weight": 1.0,  # L_M-DCL in Eq. 8 (0 disables it; banks may still feed diversity)
-        "mask_own_image": False,  # drop queue entries of the anchor's own image from its negatives
-        "concept_weight": 1.0,  # L_DCL^C in Eq. 8
-        "pgc_weight": 1.0,  # L_PGC in Eq. 8
-        # USER's UTO; its batch term is weighted by instance_weight (USER's lambda), its queue term by memory_weight
-        "uto_alpha": 90.0,
-        "uto_eps": 0.5,
-    },
-    "cluster": {  # online k-means for PGC labels (§3.4)
-        "k": 10000,
-        "iters": 15,
-        "start_epoch": 1,  # PGC weight is 0 before this epoch
-        "chunk_size": 65536,
-    },
-    "train": {
-        "epochs": 30,
-        "batch_size": 128,
-        "optimizer": "adam",  # adam | adamw
-        "lr": 2e-4,
-        "weight_decay": 0.0,
-        "lr_decay_epochs": [15],  # multiply lr by lr_decay at each of these epochs
-        "lr_decay": 0.1,
-        "text_lr_mult": 0.1,  # BERT parameters train at 0.1 x lr
-        "grad_clip": 2.0,  # max gradient norm (0: no clipping)
-        # branch: the concept branch (its encoders, W, the PGC classifier) and the rest are clipped apart, so
-        # the concept losses' larger gradients do not rescale the instance ones; all: one norm over everything
-        "grad_clip_scope": "branch",
-        "seed": 0,
-        # mixed precision of the encoders (the losses always run in float32): auto = bf16 on GPUs with native
-        # bf16 (Ampere and later), fp16 with a gradient scaler on older ones, off on the CPU
-        "amp": "auto",
-        # TF32 for float32 matmuls in the training step on CUDA (Ampere+). Off: the paper trained in fp32, and the
-        # losses are computed in float32 from similarities that TF32 would round to ~3 digits; k-means
-        # assignment and ranking never use it (coder/precision.py)
-        "tf32": False,
-        # bitwise-repeatable CUDA kernels: deterministic algorithms, cuDNN without autotuning, cuBLAS's workspace
-        "deterministic": False,
-        "log_every": 10,
-        "save_every": 500,  # steps between mid-epoch checkpoints (0: only at epoch ends)
-        "keep_last_checkpoint": True,  # false: delete checkpoint_last.pth (twice model_best's size) once finished
-        "eval_every": 1,  # epochs between dev evaluations
-        "max_steps_per_epoch": 0,  # 0 = full epoch (small values for smoke tests)
-        "device": "auto",  # auto | cpu | cuda
-        # DDP: how long ranks wait at a collective (rank 0 alone runs the k-means iterations and the dev
-        # evaluation; a COCO pass can outlast NCCL's 10-minute default)
-        "dist_timeout_minutes": 60.0,
-        # DDP: the in-batch terms (Eq. 3-5, triplet, L_DCL^C, PGC, UTO) see every rank's embeddings, gathered
-        # with gradients, so N x batch_size trains like one batch of N x batch_size (false: each rank's own)
-        "gather_batch": True,
-        # DDP on CUDA: BatchNorm statistics over the global batch (PyTorch's SyncBatchNorm has no CPU kernel)
-        "sync_batchnorm": True,
-    },
-    "eval": {
-        "beta": 0.9,  # fused similarity weight (§3.5); instance-only models use 1
-        "beta_grid": [],  # non-empty: training picks beta from these by dev R@sum and stores it with the model
-        "batch_size": 256,
-        "chunk_size": 1000,  # images per similarity chunk: bounds memory of 5K x 25K
-        "fold5": True,  # COCO testall: report 5-fold 1K (averaged) and 5K
-        "amp": False,  # encode for evaluation under bf16 autocast on CUDA (ranking is always float32)
-    },
-}
-
-_ANY_WHEN_NONE = (str, int, float, type(None))
-_INT_OR_AUTO = ("data.num_workers",)  # an int, or the string "auto"
-
-
-def merge(base: dict, override: dict, prefix: str = "") -> None:
-    for key, value in override.items():
-        path = f"{prefix}{key}"
-        if key not in base:
-            moved = f": it is retired, use {MOVED_KEYS[path]}" if path in MOVED_KEYS else ""
-            raise ConfigError(f"unknown config key '{path}'{moved}")
-        default = base[key]
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
-            merge(default, value, prefix=f"{path}.")
-        elif path in _INT_OR_AUTO and (value == "auto" or (isinstance(value, int) and not isinstance(value, bool))):
-            base[key] = value
-        else:
-            value = LEGACY_VALUES.get(path, {}).get(value, value) if isinstance(value, bool) else value
-            base[key] = _check_type(path, default, value)
-
-
-def _check_type(path: str, default: Any, value: Any) -> Any:
-    if default is None:
-        if isinstance(value, _ANY_WHEN_NONE):
-            return value
-    elif isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:  # PyYAML reads "1e-3" (no dot) as a string; an int past 1e308 overflows
-                return float(value)
-            except (ValueError, OverflowError):
-                pass
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, list):
-        if isinstance(value, list):
-            return value
-    elif isinstance(value, type(default)):
-        return value
-    raise ConfigError(
-        f"config key '{path}' expects {type(default).__name__}, got {type(value).__name__} ({value!r})"
-    )
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=v` -> (['a', 'b'], v) with v parsed as YAML (so 3, 0.1, true, [15] get their types)."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got '{text}'")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def nest(keys: list[str], value: Any) -> dict:
-    out: Any = value
-    for key in reversed(keys):
-        out = {key: out}
-    return out
-
-
-def _read_layers(path: Path, seen: tuple = ()) -> list[dict]:
-    """A file's mappings from its `base:` ancestors down to itself (an ablation is a diff of its base)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} includes itself through 'base'")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return [data]
-    if not isinstance(base, str):
-        raise ConfigError(f"config key 'base' in {path} must be a path relative to that file")
-    return _read_layers(path.parent / base, seen + (path.resolve(),)) + [data]
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults <- base files <- YAML file <- `--set` overrides, validated; the run is named after the file."""
-    cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        path = Path(path)
-        for layer in _read_layers(path):
-            merge(cfg, layer)
-        cfg["name"] = path.stem
-    for text in overrides:
-        keys, value = parse_override(text)
-        merge(cfg, nest(keys, value))
-    validate(cfg)
-    return cfg
-
-
-# keys of older versions, dropped when a checkpoint's config is read (their job moved or they did nothing)
-RETIRED_KEYS = ("method", "loss.uto_lambda", "data.demo", "data.demo_train_images", "data.demo_dev_images",
-                "data.demo_test_images", "data.demo_region_dim", "data.demo_seed", "data.clip_dim")
-
-
-# keys added later whose default changed what the code did: a config written before the key existed gets
-# the older behaviour, so its run resumes as it started
-EARLIER_BEHAVIOUR = {"loss.dcl_positive": "paper", "train.grad_clip_scope": "all"}
-
-# keys whose job another key took over: named in the error for a config that still sets them
-MOVED_KEYS = {"loss.uto_lambda": "loss.instance_weight (UTO's batch term is Eq. 8's instance term; its queue "
-                                 "term is weighted by loss.memory_weight)"}
-# values of older versions, translated where a config or checkpoint is read
-LEGACY_VALUES = {"train.amp": {True: "auto", False: "off"}}
-
-
-def _holder(data: dict, dotted: str) -> tuple[dict | None, str]:
-    """The dict in `data` that holds `dotted`'s last key (None when a parent is missing), and that key."""
-    *parents, last = dotted.split(".")
-    node = data
-    for key in parents:
-        node = node.get(key) if isinstance(node, dict) else None
-    return (node if isinstance(node, dict) else None), last
-
-
-def from_dict(data: dict) -> dict:
-    """A resolved config (e.g. from a checkpoint) merged over the current defaults and validated; keys added
-    since take their defaults (or, in EARLIER_BEHAVIOUR, what the code did before them), retired keys are
-    dropped."""
-    cfg = copy.deepcopy(DEFAULTS)
-    data = copy.deepcopy(data)
-    for dotted, value in EARLIER_BEHAVIOUR.items():
-        node, last = _holder(data, dotted)
-        if node is not None:
-            node.setdefault(last, value)
-    loss = data.get("loss")
-    if isinstance(loss, dict) and "uto_lambda" in loss and loss.get("instance") == "uto":
-        # UTO once ignored the Eq. 8 weights and used lambda_uto x batch + queue
-        loss["instance_weight"], loss["memory_weight"] = loss["uto_lambda"], 1.0
-    for dotted in RETIRED_KEYS:
-        node, last = _holder(data, dotted)
-        if node is not None:
-            node.pop(last, None)
-    merge(cfg, data)
-    validate(cfg)
-    return cfg
-
-
-_CHOICES = {
-    "data.prepare": ("", "demo"),
-    "data.dataset": ("f30k", "coco"),
-    "model.concept.query_source": ("heads", "instance"),
-    "model.text_backbone": ("bert", "bigru"),
-    "model.bigru.merge": ("mean", "concat"),
-    "train.optimizer": ("adam", "adamw"),
-    "train.grad_clip_scope": ("all", "branch"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
-
-
-def choices() -> dict[str, tuple]:
-    """Every key with a fixed set of values; where a module owns the names (a registry), they come from it."""
-    from .losses.dcl import POSITIVE_FORMS
-    from .losses.objective import INSTANCE_LOSSES
-    from .models.aggregators import AGGREGATORS
-    from .models.concept import CONCEPT_ENCODERS, CONCEPT_SCORES
-
-    return {**_CHOICES, "model.aggregator": tuple(AGGREGATORS), "model.concept.encoder": CONCEPT_ENCODERS,
-            "model.concept.score": CONCEPT_SCORES, "loss.instance": tuple(INSTANCE_LOSSES),
-            "loss.dcl_positive": POSITIVE_FORMS}
-
-
-def get(cfg: dict, dotted: str) -> Any:
-    node = cfg
-    for key in dotted.split("."):
-        node = node[key]
-    return node
+__all__ = ["SCHEMA", "DEFAULTS", "Key", "Range", "ConfigError", "load_config", "from_dict", "validate", "merge",
+           "nest", "parse_override", "register_key", "check_choice", "check_range", "concept_vocab_path", "dump", "get",
+           "key_table"]
 
 
 @dataclass(frozen=True)
@@ -382,41 +57,324 @@ class Range:
 POSITIVE, NON_NEGATIVE, FRACTION, PROBABILITY = Range(0, low_open=True), Range(0), Range(0, 1), \
     Range(0, 1, high_open=True)
 SIMILARITY = Range(-1, 1)  # a threshold on cosine similarities, which lie in [-1, 1]
+REGISTRY = "registry"  # `allowed` of a key whose names a registry owns: its builder checks them
 
-# Every int/float key of DEFAULTS and its range (the schema checks the type, this table the value);
-# relations with the data (cluster.k vs the training pairs, ...) are in coder/data/checks.py.
-_RANGES = {
-    "data.val_max_captions": POSITIVE, "data.captions_per_image": POSITIVE,
-    "data.max_words": Range(3),  # [CLS], one word-piece, [SEP]
-    "data.region_dropout": PROBABILITY,  # dropping every region would leave an image empty
-    "data.word_corruption": FRACTION, "data.num_workers": NON_NEGATIVE,
-    "model.embed_dim": Range(2),  # the image head's MLP is embed_dim / 2 wide (VSE-infinity)
-    "model.region_dim": POSITIVE, "model.num_regions": POSITIVE,
-    "model.text_layers": Range(1, optional=True, each=int),
-    "model.bigru.word_dim": POSITIVE, "model.bigru.hidden": POSITIVE, "model.bigru.layers": POSITIVE,
-    "model.bigru.min_count": POSITIVE,
-    "model.concept.gcn_hidden": POSITIVE, "model.concept.smoothness": POSITIVE,  # lambda of Eq. 2, kept as log
-    "model.momentum.m": PROBABILITY,  # m = 1 would never update the key encoders (MoCo)
-    "model.momentum.queue_size": POSITIVE,
-    "model.user.dropout": PROBABILITY, "model.user.lambda_att": NON_NEGATIVE, "model.user.clip_dim": POSITIVE,
-    "loss.instance_weight": NON_NEGATIVE, "loss.margin": NON_NEGATIVE, "loss.warmup_epochs": NON_NEGATIVE,
-    "loss.temperature": POSITIVE, "loss.mu": POSITIVE,  # both divide the similarities (Eq. 4-5)
-    "loss.gamma": SIMILARITY, "loss.eps": POSITIVE,  # Eq. 3: sigma(eps / SD)
-    "loss.memory_weight": NON_NEGATIVE, "loss.concept_weight": NON_NEGATIVE, "loss.pgc_weight": NON_NEGATIVE,
-    "loss.uto_alpha": POSITIVE, "loss.uto_eps": SIMILARITY,
-    "cluster.k": POSITIVE, "cluster.iters": POSITIVE, "cluster.start_epoch": NON_NEGATIVE,
-    "cluster.chunk_size": POSITIVE,
-    "train.epochs": POSITIVE, "train.lr": POSITIVE,
-    "train.batch_size": Range(2),  # in-batch negatives (Eq. 3-5) and BatchNorm over the batch need two pairs
-    "train.weight_decay": NON_NEGATIVE, "train.lr_decay_epochs": Range(0, each=int),
-    "train.lr_decay": Range(0, 1, low_open=True), "train.text_lr_mult": NON_NEGATIVE,
-    "train.grad_clip": NON_NEGATIVE,
-    "train.seed": Range(0, 2**31 - 1),  # NumPy seeds (seed + epoch) must be non-negative and below 2**32
-    "train.log_every": POSITIVE, "train.save_every": NON_NEGATIVE, "train.eval_every": POSITIVE,
-    "train.max_steps_per_epoch": NON_NEGATIVE, "train.dist_timeout_minutes": POSITIVE,
-    "eval.beta": FRACTION, "eval.beta_grid": Range(0, 1, each=float), "eval.batch_size": POSITIVE,
-    "eval.chunk_size": POSITIVE,
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default (which fixes its type), its allowed values (a `Range` for numbers, a tuple of
+    choices, REGISTRY, or None: any value of the type), a one-line doc, for `loss` keys the terms that read it
+    (`reads`: a key set away from its default that no built term reads is refused), and `auto`: an int in the
+    range or the string "auto"."""
+
+    default: Any
+    doc: str
+    allowed: Range | tuple | str | None = None
+    reads: tuple[str, ...] = ()
+    auto: bool = False
+    bools: tuple[str, str] | None = None  # (for false, for true): YAML 1.1 reads a bare off / on as a bool
+
+
+# the terms of coder/losses/registry.py that read a loss key (memory_dcl_div: M-DCL weighted by Eq. 3)
+DCL_FAMILY = ("dcl", "dcl_implicit", "memory_dcl", "memory_dcl_div", "concept")  # Eq. 4-6 and L_DCL^C
+DIVERSITY_READERS = ("dcl", "memory_dcl_div", "concept")  # Eq. 3's div weights these
+
+SCHEMA: dict[str, Key] = {
+    "name": Key("", "run name; the default output folder is runs/<name> (a config file names it after itself)"),
+    # ------------------------------------------------------------------------------------------------ data
+    "data.root": Key("data/f30k_precomp", "the precomp folder (S_ims.npy, S_caps.txt per split)"),
+    "data.dataset": Key("f30k", "selects the evaluation protocol (CODER §4.1)", ("f30k", "coco")),
+    "data.train_split": Key("train", "training split file prefix"),
+    "data.val_split": Key("dev", "validation split (model selection, beta)"),
+    "data.test_split": Key("test", "test split; COCO: testall (5-fold 1K and 5K)"),
+    "data.val_max_captions": Key(5000, "dev is capped to its first N captions (whole images)", POSITIVE),
+    "data.captions_per_image": Key(5, "captions per image", POSITIVE),
+    "data.max_words": Key(32, "word-pieces per caption, [CLS] and [SEP] included", Range(3)),
+    "data.augment": Key(True, "VSE-infinity's training augmentations (region dropout, word corruption)"),
+    "data.region_dropout": Key(0.2, "share of regions dropped per training image (VSE-infinity)", PROBABILITY),
+    "data.word_corruption": Key(0.2, "share of caption words masked / replaced / deleted (VSE-infinity)", FRACTION),
+    "data.num_workers": Key("auto", "DataLoader workers: an int, or auto = 0 on the CPU, on CUDA the process's "
+                            "CPUs but one (<= 8)", NON_NEGATIVE, auto=True),
+    "data.prepare": Key("", "demo: train.py writes the embedded demo data into data.root on first use", ("", "demo")),
+    "data.clip_features": Key(False, "load S_clip.npy (USER's CGE), model.user.clip_dim wide"),
+    # the generated world of data.prepare: demo (coder/demo/scenes.py); the shipped demo is the defaults
+    "data.demo.seed": Key(0, "the generated world's seed (scenes, prototypes, captions)", Range(0, 2**31 - 1)),
+    "data.demo.train_images": Key(1000, "training images of the generated world (5 captions each)",
+                                  Range(1, 10**7, high_open=True)),
+    "data.demo.dev_images": Key(1000, "dev images of the generated world", Range(1, 10**7, high_open=True)),
+    "data.demo.test_images": Key(1000, "test images of the generated world", Range(1, 10**7, high_open=True)),
+    "data.demo.noise_std": Key(1.5, "Gaussian noise per region (norm), the generated world's difficulty",
+                               Range(0, 1e6, high_open=True)),
+    # ----------------------------------------------------------------------------------------------- model
+    "model.text_backbone": Key("bert", "bert: a pretrained BERT (model.text_encoder; §4.2); bigru: word embeddings "
+                               "+ a bidirectional GRU over the training captions' words (model.bigru; "
+                               "VSE-infinity's bigru branch, docs/bigru.md)", ("bert", "bigru")),
+    "model.text_encoder": Key("bert-base-uncased", "local BERT folder, cached Hugging Face name, or "
+                              "pkg://<module>/<subdir>"),
+    "model.embed_dim": Key(1024, "F, the joint embedding space (§4.2); the image head's MLP is F/2 wide", Range(2)),
+    "model.region_dim": Key(2048, "region feature width", POSITIVE),
+    "model.num_regions": Key(36, "L regions per image (§4.2); USER's SGE needs exactly this many", POSITIVE),
+    "model.aggregator": Key("gpo", "feature aggregator of the heads (VSE-infinity's GPO, mean, max; §3.2)", REGISTRY),
+    "model.image_fc_init": Key("torch", "the image head's FC init: torch = PyTorch's default, xavier = "
+                               "VSE-infinity's (uniform Xavier, zero bias; docs/conformance.md)", ("torch", "xavier")),
+    "model.mlp_bn_padding": Key(False, "the image head MLP's BatchNorm also over padded rows, as VSE-infinity's "
+                                "(false: real regions only, statistics independent of padding; docs/conformance.md)"),
+    "model.text_layers": Key(None, "keep only the first N transformer layers (null: all)",
+                             Range(1, optional=True, each=int)),
+    "model.text_packing": Key(True, "BERT computes real word-pieces only (the same states up to float rounding)"),
+    "model.bigru.word_dim": Key(300, "BiGRU: word vector width (VSE-infinity)", POSITIVE),
+    "model.bigru.hidden": Key(1024, "BiGRU: GRU width per direction; with merge mean and hidden = embed_dim the "
+                              "text head has no FC (VSE-infinity)", POSITIVE),
+    "model.bigru.layers": Key(1, "BiGRU: GRU layers (VSE-infinity: 1)", POSITIVE),
+    "model.bigru.merge": Key("mean", "BiGRU: the two directions averaged (VSE-infinity) or concatenated",
+                             ("mean", "concat")),
+    "model.bigru.min_count": Key(4, "BiGRU: training-caption occurrences a word needs to enter the vocabulary "
+                                 "(VSE-infinity: 4)", POSITIVE),
+    "model.bigru.vocab": Key("", "BiGRU: a run's vocab.json to reuse; empty: built from the training captions only"),
+    "model.bigru.glove": Key("", "BiGRU: GloVe text file for the word vectors (glove.840B.300d.txt); empty: "
+                             "uniform +-0.1 (VSE-infinity)"),
+    "model.concept.enabled": Key(False, "the concept branch (§3.2, Eq. 2); off for instance-only models"),
+    "model.concept.vocab": Key("", "concepts.npz from scripts/build_concepts.py; empty: <data.root>/concepts.npz"),
+    "model.concept.gcn_hidden": Key(512, "hidden width of the concept GCN", POSITIVE),
+    "model.concept.smoothness": Key(10.0, "lambda of Eq. 2 (kept as a log when learned)", POSITIVE),
+    "model.concept.encoder": Key("none", "§3.2's concept-level feature encoders: none = Eq. 2 as printed, "
+                                 "cvse = tanh(BN(Linear)) on query and basis as CVSE [49]", REGISTRY),
+    "model.concept.score": Key("bilinear", "Eq. 2's score: bilinear q^T W y as printed, cvse = w^T(q*y)+b "
+                               "(CVSE [49])", REGISTRY),
+    "model.concept.learn_smoothness": Key(False, "train Eq. 2's lambda (from `smoothness`) instead of fixing it"),
+    "model.concept.query_source": Key("heads", "the queries v_C^q, w_C^q: heads = another group of aggregators "
+                                      "(§3.2 as written), instance = v^I, w^I (CVSE [49])", ("heads", "instance")),
+    "model.concept.detach_query": Key(False, "L_DCL^C and L_PGC do not train what the query is read from"),
+    "model.concept.share_query": Key(False, "W^w of Eq. 2 is the same parameter (and encoders) as W^v"),
+    "model.momentum.enabled": Key(False, "coupled momentum key encoders and memory banks (§3.2, MoCo)"),
+    "model.momentum.m": Key(0.995, "momentum m of the key encoders (m = 1 would never update them)", PROBABILITY),
+    "model.momentum.queue_size": Key(4096, "entries of each memory bank B_v, B_w", POSITIVE),
+    "model.user.sge": Key(False, "USER's self-guided enhancement of the regions"),
+    "model.user.cge": Key(False, "USER's CLIP-guided enhancement (reads S_clip.npy)"),
+    "model.user.dropout": Key(0.4, "SGE dropout (USER's code)", PROBABILITY),
+    "model.user.lambda_att": Key(1.0, "weight of the enhancement's attention output (USER)", NON_NEGATIVE),
+    "model.user.clip_dim": Key(512, "width of the precomputed CLIP embeddings CGE reads (ViT-B/32: 512)", POSITIVE),
+    # ------------------------------------------------------------------------------------------------ loss
+    "loss.instance": Key("dcl", "instance-level batch loss: dcl (Eq. 5), dcl_implicit (Eq. 4), triplet (VSE++), "
+                         "infonce, uto (USER), or a name given to coder.losses.register_instance_loss", REGISTRY),
+    "loss.instance_weight": Key(3.0, "lambda of Eq. 8 (UTO: USER's lambda on its batch term)", NON_NEGATIVE),
+    "loss.margin": Key(0.2, "triplet margin (VSE++)", NON_NEGATIVE, reads=("triplet",)),
+    "loss.warmup_epochs": Key(1, "triplet: epochs of all negatives before the hardest (VSE-infinity)", NON_NEGATIVE,
+                              reads=("triplet",)),
+    "loss.temperature": Key(0.05, "InfoNCE temperature (our choice; the paper gives none)", POSITIVE,
+                            reads=("infonce",)),
+    "loss.mu": Key(0.1, "mu of Eq. 4-6 (temperature and outer factor)", POSITIVE, reads=DCL_FAMILY),
+    "loss.gamma": Key(0.3, "gamma of Eq. 4-6 (margin)", SIMILARITY, reads=DCL_FAMILY),
+    "loss.eps": Key(0.1, "epsilon of Eq. 3: div = 1 / sigma(eps / SD)", POSITIVE, reads=DIVERSITY_READERS),
+    "loss.dcl_positive": Key("unscaled", "DCL's positive term: paper = mu [neg - log(1 + S_pos)] as printed, "
+                             "unscaled = mu neg - log(1 + S_pos) as USER's code (docs/departures.md)", REGISTRY,
+                             reads=DCL_FAMILY),
+    "loss.detach_diversity": Key(True, "Eq. 3's diversity is a weight, not a gradient path (our reading)",
+                                 reads=DIVERSITY_READERS),
+    "loss.bank_diversity": Key(True, "with banks, average batch- and bank-level diversity (§3.3, Table 3 MB)",
+                               reads=("dcl", "memory_dcl_div")),
+    "loss.memory_weight": Key(1.0, "weight of L_M-DCL in Eq. 8 (0: no memory term; UTO: its queue term)",
+                              NON_NEGATIVE),
+    "loss.mask_own_image": Key(False, "bank entries of the anchor's own image are not its negatives (ablation)",
+                               reads=("memory_dcl", "memory_dcl_div")),
+    "loss.concept_weight": Key(1.0, "weight of L_DCL^C in Eq. 8", NON_NEGATIVE),
+    "loss.pgc_weight": Key(1.0, "weight of L_PGC in Eq. 8", NON_NEGATIVE),
+    "loss.uto_alpha": Key(90.0, "USER's UTO alpha", POSITIVE, reads=("uto", "memory_uto")),
+    "loss.uto_eps": Key(0.5, "USER's UTO epsilon", SIMILARITY, reads=("uto", "memory_uto")),
+    # --------------------------------------------------------------------------------------------- cluster
+    "cluster.k": Key(10000, "K prototypes of the online k-means (§3.4)", POSITIVE),
+    "cluster.iters": Key(15, "k-means iterations per epoch", POSITIVE),
+    "cluster.start_epoch": Key(1, "first epoch of L_PGC (weight 0 before)", NON_NEGATIVE),
+    "cluster.chunk_size": Key(65536, "pairs per assignment chunk (bounds memory)", POSITIVE),
+    # ----------------------------------------------------------------------------------------------- train
+    "train.epochs": Key(30, "training epochs (§4.2)", POSITIVE),
+    "train.batch_size": Key(128, "pairs per step and process; in-batch negatives need two", Range(2)),
+    "train.optimizer": Key("adam", "adam (§4.2) or adamw", ("adam", "adamw")),
+    "train.lr": Key(2e-4, "learning rate (§4.2)", POSITIVE),
+    "train.weight_decay": Key(0.0, "weight decay", NON_NEGATIVE),
+    "train.lr_decay_epochs": Key([15], "multiply the lr by lr_decay from each of these epochs on (§4.2)",
+                                 Range(0, each=int)),
+    "train.lr_decay": Key(0.1, "the factor of each decay (0 would stop training)", Range(0, 1, low_open=True)),
+    "train.text_lr_mult": Key(0.1, "BERT trains at this times the lr (VSE-infinity's recipe)", NON_NEGATIVE),
+    "train.grad_clip": Key(2.0, "max gradient norm (0: no clipping)", NON_NEGATIVE),
+    "train.grad_clip_scope": Key("branch", "branch: the concept branch clipped apart from the rest; all: one norm",
+                                 ("all", "branch")),
+    "train.seed": Key(0, "seed of every random stream (seed + epoch must fit NumPy's seeds)", Range(0, 2**31 - 1)),
+    "train.amp": Key("auto", "encoder precision (losses stay float32): auto = bf16 on GPUs with native bf16, fp16 "
+                     "with a gradient scaler on older ones, off on the CPU", ("auto", "bf16", "fp16", "off"),
+                     bools=("off", "auto")),
+    "train.tf32": Key(False, "TF32 for float32 matmuls of the step on CUDA (never for k-means or ranking)"),
+    "train.deterministic": Key(False, "bitwise-repeatable CUDA kernels (deterministic algorithms, no autotuning)"),
+    "train.log_every": Key(10, "steps between logged steps", POSITIVE),
+    "train.save_every": Key(500, "steps between mid-epoch checkpoints (0: only at epoch ends)", NON_NEGATIVE),
+    "train.keep_last_checkpoint": Key(True, "false: delete checkpoint_last.pth once the run finished"),
+    "train.eval_every": Key(1, "epochs between dev evaluations (the last epoch is always evaluated)", POSITIVE),
+    "train.max_steps_per_epoch": Key(0, "0 = the full epoch (small values for smoke tests)", NON_NEGATIVE),
+    "train.device": Key("auto", "auto | cpu | cuda", ("auto", "cpu", "cuda")),
+    "train.dist_timeout_minutes": Key(60.0, "DDP: how long ranks wait at a collective (rank 0 alone runs k-means "
+                                      "and the dev evaluation)", POSITIVE),
+    "train.gather_batch": Key(True, "DDP: in-batch terms see every rank's embeddings, gathered with gradients"),
+    "train.sync_batchnorm": Key(True, "DDP on CUDA: BatchNorm statistics over the global batch"),
+    # ------------------------------------------------------------------------------------------------ eval
+    "eval.beta": Key(0.9, "fused similarity weight (§3.5); instance-only models use 1", FRACTION),
+    "eval.beta_grid": Key([], "non-empty: training picks beta from these by dev R@sum and stores it with the model",
+                          Range(0, 1, each=float)),
+    "eval.batch_size": Key(256, "encoding batch size", POSITIVE),
+    "eval.chunk_size": Key(1000, "images per similarity chunk: bounds the memory of 5K x 25K", POSITIVE),
+    "eval.fold5": Key(True, "COCO testall: report 5-fold 1K (averaged) and 5K"),
+    "eval.amp": Key(False, "encode for evaluation under bf16 autocast on CUDA (ranking is always float32)"),
 }
+
+
+def nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def _nested(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
+DEFAULTS: dict[str, Any] = _nested({name: key.default for name, key in SCHEMA.items()})
+
+
+def register_key(name: str, key: Key) -> None:
+    """Add a key to the schema from outside coder/ (a loss registered in a user's own module needs its keys):
+    the same as a line in SCHEMA."""
+    if name in SCHEMA:
+        raise ConfigError(f"config key '{name}' exists already")
+    *parents, last = name.split(".")
+    node = DEFAULTS
+    for part in parents:
+        node = node.setdefault(part, {})
+    SCHEMA[name], node[last] = key, copy.deepcopy(key.default)
+_ANY_WHEN_NONE = (str, int, float, type(None))
+
+
+def merge(base: dict, override: dict, prefix: str = "") -> None:
+    """`override` written into `base` key by key; an unknown key or a value of the wrong type is a ConfigError."""
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key '{path}'")
+        default = base[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' must be a mapping, got {type(value).__name__}")
+            merge(default, value, prefix=f"{path}.")
+        elif SCHEMA[path].auto and (value == "auto" or _is_number(value, int)):
+            base[key] = value
+        elif SCHEMA[path].bools is not None and isinstance(value, bool):
+            base[key] = SCHEMA[path].bools[value]  # `--set train.amp=off` arrives as False
+        else:
+            base[key] = _check_type(path, SCHEMA[path].default, value)
+
+
+def _check_type(path: str, default: Any, value: Any) -> Any:
+    if default is None:
+        if isinstance(value, _ANY_WHEN_NONE):
+            return value
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # PyYAML reads "1e-3" (no dot) as a string; an int past 1e308 overflows
+                return float(value)
+            except (ValueError, OverflowError):
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"config key '{path}' expects {type(default).__name__}, got {type(value).__name__} ({value!r})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=v` -> (['a', 'b'], v) with v parsed as YAML (so 3, 0.1, true, [15] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({str(err).splitlines()[0]})") from err
+    return key.strip().split("."), value
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping; a missing file, one that is not YAML text (a checkpoint, say) or not a mapping is
+    one ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not YAML text (byte {err.start} is not UTF-8: a binary file, "
+                          f"e.g. a checkpoint?)") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _read_layers(path: Path, seen: tuple = ()) -> list[dict]:
+    """A file's mappings from its `base:` ancestors down to itself (an ablation is a diff of its base)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {path} must be a path relative to that file")
+    return _read_layers(path.parent / base, seen + (path.resolve(),)) + [data]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                upgrade: Callable[[dict], dict] | None = None) -> dict:
+    """Defaults <- base files <- YAML file <- `--set` overrides, validated; the run is named after the file.
+    `upgrade` (coder.checkpoint.upgrade_config, as train.py passes it) translates each layer's values of older
+    versions first."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        for layer in _read_layers(path):
+            merge(cfg, upgrade(layer) if upgrade is not None else layer)
+        cfg["name"] = path.stem
+    for text in overrides:
+        keys, value = parse_override(text)
+        layer = nest(keys, value)
+        merge(cfg, upgrade(layer) if upgrade is not None else layer)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> dict:
+    """A resolved config (a run's config.yaml, a checkpoint's, already upgraded) merged over today's defaults and
+    validated: keys added since take their defaults."""
+    cfg = copy.deepcopy(DEFAULTS)
+    merge(cfg, copy.deepcopy(data))
+    validate(cfg)
+    return cfg
+
+
+def get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for key in dotted.split("."):
+        node = node[key]
+    return node
 
 
 def _is_number(value: Any, kind: type | None) -> bool:
@@ -427,7 +385,7 @@ def _is_number(value: Any, kind: type | None) -> bool:
 
 
 def check_range(key: str, value: Any, allowed: Range) -> None:
-    """The README's form: `config key 'train.lr' must be positive, got -0.1`."""
+    """`config key 'train.lr' must be positive, got -0.1` (docs/bad-inputs.md)."""
     if isinstance(value, list):
         if not all(_is_number(v, allowed.each) and allowed.holds(v) for v in value):
             noun = "integers" if allowed.each is int else "numbers"
@@ -439,34 +397,44 @@ def check_range(key: str, value: Any, allowed: Range) -> None:
         raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     if not _is_number(value, allowed.each) or not allowed.holds(value):
         what = allowed.describe("an integer" if allowed.each is int else "")
-        raise ConfigError(f"config key '{key}' must be {what}{' or null' if allowed.optional else ''}, "
-                          f"got {value!r}")
+        raise ConfigError(f"config key '{key}' must be {what}{' or null' if allowed.optional else ''}, got {value!r}")
+
+
+def check_choice(key: str, value: Any, names) -> None:
+    """The one error for a name outside a key's choices (the schema's, or a registry's in its builder)."""
+    if value not in tuple(names):
+        raise ConfigError(f"config key '{key}' must be one of {tuple(names)}, got {value!r}")
 
 
 def validate(cfg: dict) -> None:
     """Value checks the type schema cannot express: choices, ranges, and relations between keys."""
-    from .losses.objective import check_loss_keys
-
-    for key, allowed in choices().items():
-        if get(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {get(cfg, key)!r}")
-    for key, allowed in _RANGES.items():
-        if not (key in _INT_OR_AUTO and get(cfg, key) == "auto"):
-            check_range(key, get(cfg, key), allowed)
-    check_loss_keys(cfg)
-    data = cfg["data"]
+    for name, key in SCHEMA.items():
+        value = get(cfg, name)
+        if isinstance(key.allowed, tuple):
+            check_choice(name, value, key.allowed)
+        elif isinstance(key.allowed, Range) and not (key.auto and value == "auto"):
+            check_range(name, value, key.allowed)
+    data, model = cfg["data"], cfg["model"]
     if data["val_max_captions"] % data["captions_per_image"]:
         raise ConfigError(f"config key 'data.val_max_captions' ({data['val_max_captions']}) must be a multiple "
                           f"of 'data.captions_per_image' ({data['captions_per_image']}): whole images only")
-    if cfg["loss"]["pgc_weight"] > 0 and cfg["model"]["concept"]["enabled"] and not cfg["model"]["momentum"]["enabled"]:
+    if cfg["loss"]["pgc_weight"] > 0 and model["concept"]["enabled"] and not model["momentum"]["enabled"]:
         raise ConfigError("config key 'loss.pgc_weight' > 0 needs 'model.momentum.enabled' "
                           "(k-means runs on momentum features)")
-    if cfg["model"]["user"]["cge"] and not cfg["data"]["clip_features"]:
+    if model["user"]["cge"] and not data["clip_features"]:
         raise ConfigError("config key 'model.user.cge' needs 'data.clip_features: true' (CGE reads S_clip.npy)")
-    if cfg["model"]["user"]["sge"] and cfg["data"]["augment"] and cfg["data"]["region_dropout"] > 0:
-        raise ConfigError(
-            "config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)"
-        )
+    if model["user"]["sge"] and data["augment"] and data["region_dropout"] > 0:
+        raise ConfigError("config key 'data.region_dropout' must be 0 with 'model.user.sge' (SGE needs all regions)")
+
+
+def check_loss_keys(cfg: dict, terms: tuple[str, ...]) -> None:
+    """A `loss` key set away from its default that none of the built `terms` reads (per the schema's `reads`):
+    a mistake, not a no-op."""
+    for name, key in SCHEMA.items():
+        value = get(cfg, name)
+        if key.reads and not set(key.reads) & set(terms) and value != key.default:
+            raise ConfigError(f"config key '{name}' is set ({value!r}) but no term of this objective "
+                              f"({', '.join(terms)}; loss.instance '{cfg['loss']['instance']}') reads it")
 
 
 def concept_vocab_path(cfg: dict) -> str:
@@ -476,3 +444,20 @@ def concept_vocab_path(cfg: dict) -> str:
 
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _allowed_text(key: Key) -> str:
+    if isinstance(key.allowed, Range):
+        return key.allowed.describe("integers" if key.allowed.each is int else "") + (", or 'auto'" if key.auto else "")
+    if isinstance(key.allowed, tuple):
+        return " \\| ".join(repr(c) for c in key.allowed)
+    return "a registered name" if key.allowed == REGISTRY else ""
+
+
+def key_table() -> str:
+    """Every key as a Markdown table row: name, default, allowed values, doc (docs/config.md, train.py --keys)."""
+    rows = ["| key | default | allowed | what |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | `{key.default!r}` | {_allowed_text(key)} | {key.doc.replace('|', '/')} |"
+             for name, key in SCHEMA.items()]
+    return "\n".join(rows) + "\n"
+

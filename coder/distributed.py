@@ -123,6 +123,21 @@ def all_gather_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return gathered_tensors
 
 
+def all_gather_equal_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order, when every rank holds as many rows (a
+    training step's batch: the sampler and the loader drop the last, uneven batch); the tensors themselves in a
+    single process. No gradient. Unlike `all_gather_rows` no row count is exchanged and read back, so a step
+    does not wait for the device (a mismatch stops the collective with an error)."""
+    if not is_distributed():
+        return list(tensors)
+    out = []
+    for tensor in tensors:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        out.append(torch.cat(parts))
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All ranks' rows in rank order; the backward hands each rank the gradient of its own rows summed over
     every rank's loss (an all-reduce, which gloo supports, instead of a reduce-scatter)."""

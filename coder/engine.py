@@ -1,4 +1,4 @@
-"""The training loop (CODER §4.2; resume as the README describes): one readable file.
+"""The training loop (CODER §4.2; resume as docs/training.md describes): one readable file.
 
 `Trainer(cfg, output_dir).fit()` trains, validates on dev every epoch, keeps the best model by dev R@sum
 (fused score), writes atomic checkpoints, resumes exactly (`resume="auto"`), and finally evaluates the
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from . import distributed as dist
+from .batchnorm import global_batchnorm_within
 from .checkpoint import (
     PROGRESS_KEYS,
     atomic_save,
@@ -32,20 +33,16 @@ from .data import PrecompDataset, collate
 from .data.checks import check_against_data
 from .data.precomp import require_split
 from .data.workers import loader_options
-from .errors import CoderError
+from .errors import NonFiniteLossError
 from .evaluation import evaluate_split, format_table, write_json
 from .logger import TrainLogger
-from .losses.objective import build_objective
 from .models.bigru import load_text
-from .models.model import build_model
+from .models.heads import ImageHead
+from .models.model import ImageEncoder, build_model
 from .precision import set_deterministic, tf32
 from .runlog import progress_bars
-from .step import ContrastiveStep
+from .step import ContrastiveStep, build_step
 from .vocab import WordVocabulary
-
-
-class NonFiniteLossError(CoderError, RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
 # -------------------------------------------------------------------------------------------- set-up
@@ -168,8 +165,8 @@ def data_parallel(step: ContrastiveStep, device: torch.device, world: int, sync_
     """The step as DistributedDataParallel over `world` processes (itself in one process)."""
     if world == 1:
         return step
-    if device.type == "cuda" and sync_batchnorm:
-        step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    if device.type == "cuda" and sync_batchnorm:  # the image side's BatchNorm over the global batch, sync-free
+        step = global_batchnorm_within(step, (ImageEncoder, ImageHead))
     return dist.wrap_ddp(step, device, find_unused=step.objective.prototypes is not None)
 
 
@@ -210,11 +207,11 @@ class Trainer:
         require_split(cfg["data"]["root"], cfg["data"]["train_split"])  # the data before what is derived from it
 
         bert, self.tokenizer = load_text(cfg, log=print if dist.is_main() else lambda _: None)
-        self.model = build_model(cfg, bert).to(self.device)
-        self.objective = build_objective(cfg).to(self.device)
+        self.model = build_model(cfg, bert)
+        self.step = build_step(cfg, self.model).to(self.device)  # + momentum encoders, banks and Eq. 8's terms
+        self.objective = self.step.objective
         dist.offset_seeds(tcfg["seed"], self.rank)  # parameters identical on every rank, dropout streams not
-        self.step_module = data_parallel(ContrastiveStep(self.model, self.objective, tcfg["gather_batch"]),
-                                         self.device, self.world, tcfg["sync_batchnorm"])
+        self.step_module = data_parallel(self.step, self.device, self.world, tcfg["sync_batchnorm"])
         self.optimizer = build_optimizer(self.step_module, tcfg, self.model.text_encoder.backbone)
         self.amp = amp_dtype(tcfg["amp"], self.device)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
@@ -247,7 +244,7 @@ class Trainer:
         rng = rng_state()  # every rank's generators: a collective, so every rank calls save_last
         if dist.is_main():
             progress = {key: getattr(self, key) for key in PROGRESS_KEYS}
-            atomic_save(training_state(self.cfg, self.model, self.objective, self.optimizer, self.scaler, progress,
+            atomic_save(training_state(self.cfg, self.step, self.optimizer, self.scaler, progress,
                                        {"centroids": self.centroids, "labels": self.labels}, rng),
                         self.out_dir / "checkpoint_last.pth")
 
@@ -262,8 +259,7 @@ class Trainer:
             if dist.is_main():
                 print(f"--resume auto: no {path} yet, starting a fresh run")
             return
-        state = restore_training(path, self.cfg, self.model, self.objective, self.optimizer, self.scaler,
-                                 self.device)
+        state = restore_training(path, self.cfg, self.step, self.optimizer, self.scaler, self.device)
         for key in PROGRESS_KEYS:  # epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta
             setattr(self, key, state.get(key, getattr(self, key)))
         self.centroids, self.labels = state["kmeans"]["centroids"], state["kmeans"]["labels"]
@@ -274,9 +270,9 @@ class Trainer:
     def update_clusters(self, epoch: int) -> None:
         """Online k-means (§3.4) on the momentum encoders' pair features; labels are read by dataset index."""
         ccfg, init = self.cfg["cluster"], self.centroids.to(self.device) if self.centroids is not None else None
-        self.model.eval()
+        self.step.eval()
         self.labels, self.centroids, result = cluster_training_pairs(
-            self.model.momentum.encode_pairs, training_split(self.cfg, self.tokenizer, train=False), k=ccfg["k"],
+            self.step.momentum.encode_pairs, training_split(self.cfg, self.tokenizer, train=False), k=ccfg["k"],
             iters=ccfg["iters"], init=init, chunk_size=ccfg["chunk_size"], seed=self.cfg["train"]["seed"] + epoch,
             batch_size=self.cfg["eval"]["batch_size"], num_workers=self.cfg["data"]["num_workers"],
             device=self.device, autocast=self._autocast(), world=self.world, rank=self.rank, progress=self.progress)
@@ -320,7 +316,8 @@ class Trainer:
             if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
                 self._check_finite(bad, epoch)
                 self._log_step(loss, terms, diag, grad_norms, lr, seen / (time.perf_counter() - tic))
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable:  # a hidden bar's loss would be one more wait for the device
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
                 self._check_finite(bad, epoch)
                 self.save_last()
@@ -339,9 +336,8 @@ class Trainer:
         # every rank joins the averages (a collective), so the logged losses are the whole batch's
         loss = dist.all_reduce_mean(loss.detach())
         terms = {name: dist.all_reduce_mean(value.detach()) for name, value in terms.items()}
-        step_module = self.step_module.module if self.world > 1 else self.step_module
         self.log.step(self.global_step, loss, terms, diag, grad_norms, lr, lr * self.cfg["train"]["text_lr_mult"],
-                      rate, step_module.queue_fill())
+                      rate, self.step.queue_fill())
 
     # ------------------------------------------------------------------------------------ evaluation
     def validate(self, epoch: int) -> float:

@@ -1,4 +1,4 @@
-"""Logging of a run: TensorBoard (README: TensorBoard: losses, learning rates, gradient norms, diversity,
+"""Logging of a run: TensorBoard (docs/training.md: TensorBoard: losses, learning rates, gradient norms, diversity,
 queue fill, k-means statistics, dev and test R@K) and one plain line per epoch (coder/runlog.py). Only the
 main process writes; elsewhere it is a no-op."""
 from __future__ import annotations
@@ -11,6 +11,20 @@ from torch.utils.tensorboard import SummaryWriter
 from .runlog import RunLog
 
 RECALLS = [(d, m) for d in ("i2t", "t2i") for m in ("r1", "r5", "r10")]
+
+
+def read_scalars(values: dict) -> dict:
+    """{name: float} of 0-dim tensors and numbers: the tensors stacked on their device and read back in one copy
+    (a CUDA host waits once per read, so 20 `float()` calls would be 20 waits)."""
+    tensors = {name: v for name, v in values.items() if torch.is_tensor(v)}
+    out = {name: float(v) for name, v in values.items() if name not in tensors}
+    by_device: dict = {}
+    for name, v in tensors.items():
+        by_device.setdefault(v.device, []).append(name)
+    for names in by_device.values():
+        read = torch.stack([tensors[n].detach().float().reshape(()) for n in names]).cpu().tolist()
+        out.update(zip(names, read))
+    return {name: out[name] for name in values}
 
 
 class TrainLogger:
@@ -29,22 +43,20 @@ class TrainLogger:
              rate: float, queue_fill: float | None) -> None:
         if self.writer is None:
             return
-        self.lines.add(loss, terms)
-        self.scalar("loss/total", loss, step)
-        for name, value in terms.items():
-            self.scalar(f"loss/{name}", value, step)
-        self.scalar("train/lr", lr, step)
-        self.scalar("train/lr_text", lr_text, step)  # the BERT group
-        self.scalar("train/samples_per_s", rate, step)
+        values = {"loss/total": loss, **{f"loss/{name}": value for name, value in terms.items()}}
         for name, norm in grad_norms.items():  # before clipping
-            self.scalar("train/grad_norm" if name == "all" else f"train/grad_norm_{name}", norm, step)
+            values["train/grad_norm" if name == "all" else f"train/grad_norm_{name}"] = norm
         for name in ("diversity_v", "diversity_w"):
             if name in diag:
                 d = diag[name].float()
-                for stat in ("mean", "min", "max"):
-                    self.scalar(f"diversity/{name}_{stat}", getattr(d, stat)(), step)
+                values.update({f"diversity/{name}_{stat}": getattr(d, stat)() for stat in ("mean", "min", "max")})
+        values = read_scalars(values)  # one device -> host copy for the step's values, not one wait per value
+        self.lines.add(values["loss/total"], {name: values[f"loss/{name}"] for name in terms})
+        values.update({"train/lr": lr, "train/lr_text": lr_text, "train/samples_per_s": rate})  # lr_text: BERT's
         if queue_fill is not None:
-            self.scalar("queue/fill", queue_fill, step)
+            values["queue/fill"] = queue_fill
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
 
     def epoch_line(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int) -> None:
         self.lines.epoch(epoch, epochs, dev_rsum, best_rsum, best_epoch)

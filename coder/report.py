@@ -12,7 +12,6 @@ The pieces are usable on their own:
 from __future__ import annotations
 
 import base64
-import copy
 import html
 import io
 import json
@@ -25,21 +24,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save
 from .concepts import load_concepts
-from .config import ConfigError, concept_vocab_path, from_dict, merge, nest, parse_override, validate
+from .config import concept_vocab_path
 from .data import collate, tokenize_caption
-from .errors import CoderError
-from .evaluation import encode_split, split_datasets
-from .models.bigru import load_text
-from .models.model import build_model
+from .errors import ReportError
+from .evaluation import encode_split, fuse, pessimistic_rank, split_datasets
+from .evaluation.loading import load_for_eval
 
 DIRECTIONS = ("i2t", "t2i")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".JPG", ".JPEG", ".PNG")
-
-
-class ReportError(CoderError, ValueError):
-    """A report input is missing or inconsistent (images folder, image file, checkpoint contents)."""
 
 
 # ------------------------------------------------------------------------------------------- ranking
@@ -68,7 +62,7 @@ def score_rows(emb: dict[str, Tensor], beta: float, direction: str, queries: Seq
                query_emb: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(fused, instance, concept) scores (Q, N) of the chosen queries against every candidate.
 
-    Same formula as `coder.evaluation.fused_chunks` (§3.5): S = beta S^I + (1 - beta) S^C; an instance-only
+    The evaluation's formula (`coder.evaluation.fuse`, §3.5): S = beta S^I + (1 - beta) S^C; an instance-only
     model (no v_c / w_c) or beta = 1 ranks by S^I alone. `query_emb` replaces the split's query
     embeddings (a typed caption: keys w_i [, w_c]).
     """
@@ -81,8 +75,7 @@ def score_rows(emb: dict[str, Tensor], beta: float, direction: str, queries: Seq
     concept = None
     if f"{q_key}_c" in source and f"{c_key}_c" in emb:
         concept = source[f"{q_key}_c"] @ emb[f"{c_key}_c"].t()
-    fused = instance if concept is None or beta >= 1 else beta * instance + (1 - beta) * concept
-    return fused, instance, concept
+    return fuse(instance, concept, beta), instance, concept
 
 
 def positive_mask(direction: str, query: int, n_candidates: int, captions_per_image: int = 5) -> np.ndarray:
@@ -93,13 +86,6 @@ def positive_mask(direction: str, query: int, n_candidates: int, captions_per_im
     else:
         mask[query // captions_per_image] = True
     return mask
-
-
-def pessimistic_rank(scores: np.ndarray, positive: np.ndarray) -> int:
-    """0-based rank of the best positive: every other (non-positive) candidate scored >= it counts (§4.1
-    protocol with pessimistic ties; for i2t the best rank among the image's own captions)."""
-    best = scores[positive].max()
-    return int(((scores >= best) & ~positive).sum())
 
 
 def ranked_order(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -155,7 +141,6 @@ def sample_queries(n_images: int, n_captions: int, count: int, seed: int) -> dic
 
 
 # ------------------------------------------------------------------------------------------- concepts
-@torch.no_grad()
 @torch.no_grad()
 def image_attention(model, images_ds, indices: Sequence[int], device="cpu") -> Tensor:
     """Eq. 2 weights a^v (len(indices), g) of the chosen images over the concepts."""
@@ -372,39 +357,14 @@ def render_html(rep: Report, k: int = 5) -> str:
 
 
 # ------------------------------------------------------------------------------------------- end to end
-OVERRIDABLE = ("data", "eval")
-
-
 def load_model(checkpoint: str | Path, overrides: Sequence[str] = (), device="cpu"):
-    """(model, cfg, tokenizer) from a checkpoint, as evaluate.py loads it; `overrides` are `a.b=v` strings
-    for data.*, eval.* and model.concept.vocab (where the concepts file lies now).
-
-    The momentum key encoders and memory banks (§3.2) only serve training, so they are neither built nor
-    loaded; every other weight must match the checkpoint exactly.
-    """
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = from_dict(ckpt["config"])  # over the current defaults: keys added since the run get their default
-    if ckpt.get("beta") is not None:
-        cfg["eval"]["beta"] = ckpt["beta"]  # the fusion weight chosen on dev in training
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] not in OVERRIDABLE and ".".join(keys) not in ("model.concept.vocab", "model.text_encoder"):
-            raise ConfigError(f"show_retrievals overrides only data.*, eval.*, model.concept.vocab and "
-                              f"model.text_encoder, not '{'.'.join(keys)}'")
-        merge(cfg, nest(keys, value))
-    validate(cfg)
-    bert, tokenizer = load_text(cfg, ckpt["model"])  # a BiGRU's vocabulary is the checkpoint's
-    inference_cfg = copy.deepcopy(cfg)
-    inference_cfg["model"]["momentum"]["enabled"] = False
-    model = build_model(inference_cfg, bert).to(device)
-    try:
-        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("momentum.")})
-    except RuntimeError as err:
-        raise ReportError(f"{checkpoint}: its weights do not fit the model its config builds (another "
-                          f"concepts file, model.concept.vocab?): {str(err).splitlines()[0]}") from err
-    model.eval()
-    return model, cfg, tokenizer
+    """(model, cfg, tokenizer) from a checkpoint, loaded as evaluate.py loads it (`load_for_eval`: no momentum
+    key encoders, every other weight exactly the checkpoint's); `overrides` are `a.b=v` strings for data.*,
+    eval.*, model.concept.vocab (where the concepts file lies now) and model.text_encoder. `eval.beta` is the
+    fusion weight the report ranks by: training's choice on dev unless overridden."""
+    loaded = load_for_eval(checkpoint, overrides, device, who="show_retrievals")
+    loaded.cfg["eval"]["beta"] = loaded.fusion_beta
+    return loaded.model, loaded.cfg, loaded.tokenizer
 
 
 def _file_key(path: Path) -> list:
@@ -482,9 +442,8 @@ def build_report(checkpoint: str | Path, *, split: str | None = None, queries: i
     if cache is not None and Path(cache).is_dir():
         cache = Path(cache) / f"{Path(checkpoint).stem}.report_{split}.pt"
     emb = cached_embeddings(None if cache is None else Path(cache), checkpoint, cfg, split, images_ds.files,
-                            lambda: encode_split(model, images_ds, captions_ds, device,
-                                                 batch_size=cfg["eval"]["batch_size"], progress=progress,
-                                                 amp=cfg["eval"]["amp"]))
+                            lambda: encode_split(model, images_ds, captions_ds, device, cfg["eval"]["batch_size"],
+                                                 cfg["data"]["num_workers"], progress, cfg["eval"]["amp"]))
     concept_branch = "v_c" in emb and model.concept is not None
     beta = float(cfg["eval"]["beta"]) if concept_branch else 1.0
 

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from coder.concepts import build_concepts
 from coder.errors import CoderError
+from coder.tools.vocabulary import build_concepts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,15 +2,16 @@
 paired difference of every group against the first (same seed, same data order) as mean ± standard error.
 
     python scripts/seed_curve.py triplet=runs/seedcurve/triplet coder=runs/seedcurve/coder \
-        [--readme README.md] [--block seed_curve]
+        [--docs [docs/studies.md]] [--block seed_curve]
 
 A group is LABEL=FOLDER, its runs FOLDER/seed<k>/ as scripts/study.py lays them out. Dev R@sum per epoch is
 read from each run's TensorBoard tag `dev/rsum` (one value per epoch, the last one logged if a resumed run
 logged an epoch twice); the last row is test R@sum of the dev-selected checkpoint (eval_test.json), at the
 epoch count the run was trained to. A paired difference uses only the seeds both groups have at that epoch.
 `s / epoch` is the median wall time between consecutive dev evaluations of one process (one epoch of training
-plus one dev evaluation), as the run measured it on its machine. With --readme, the table replaces the README block
-`<!-- study:NAME:start -->` ... `<!-- study:NAME:end -->` (NAME from --block).
+plus one dev evaluation), as the run measured it on its machine. With --docs, the table replaces the block
+`<!-- study:NAME:start -->` ... `<!-- study:NAME:end -->` (NAME from --block) of docs/studies.md (`--docs FILE`: of
+another page; never of a README; `--readme` is the flag's former name).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
-from study import markers
+from study import DOCS, StudyError, check_docs_page, markers
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TAG = "dev/rsum"
@@ -109,8 +110,9 @@ def parse_group(text: str) -> tuple[str, Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", type=parse_group, nargs="+", help="LABEL=FOLDER; the first is the reference")
-    parser.add_argument("--readme", type=Path, help="file whose study block is replaced by the table")
-    parser.add_argument("--block", default="seed_curve", help="README block name (default seed_curve)")
+    parser.add_argument("--docs", "--readme", dest="docs", type=Path, nargs="?", const=DOCS, metavar="FILE",
+                        help="replace the block of this page by the table (default docs/studies.md)")
+    parser.add_argument("--block", default="seed_curve", help="the page's block name (default seed_curve)")
     args = parser.parse_args(argv)
     groups = dict(args.groups)
     missing = [str(f) for f in groups.values() if not f.is_dir()]
@@ -118,11 +120,12 @@ def main(argv=None) -> int:
         print(f"error: no run folder {', '.join(missing)}", file=sys.stderr)
         return 2
     block = table(groups)
-    if args.readme:
+    if args.docs:
         try:
+            check_docs_page(args.docs, args.block)  # StudyError: a README, or no such page or block
             start, end = markers(args.block)
-            args.readme.write_text(replace_block(args.readme.read_text(), block, args.readme, start, end))
-        except ValueError as err:  # the README has no such block
+            args.docs.write_text(replace_block(args.docs.read_text(), block, args.docs, start, end))
+        except StudyError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     print(block)

@@ -2,7 +2,7 @@
 mean ± std per metric and, against a reference entry, paired differences with 95% t intervals.
 
     python scripts/study.py studies/demo_table2.yaml [--seeds 0 1 2] [--out runs/study] \
-        [--only NAME ...] [--readme README.md] [--table-only]
+        [--only NAME ...] [--docs [docs/studies.md]] [--table-only]
 
 A study file (YAML) names its entries:
 
@@ -16,10 +16,12 @@ A study file (YAML) names its entries:
 
 Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
 already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
-that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --readme it
-replaces the study's own block, between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the
-study file's name without .yaml), so one README can hold several studies. It refuses to replace a block
-with a table of fewer finished runs than the block holds (runs missing on disk), unless --force.
+that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it
+replaces the study's own block in docs/studies.md (`--docs FILE`: in another page), between
+`<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without .yaml), so one
+page holds several studies. Study tables live in docs/, never in a README: a README.md target is an error
+(`--readme` is the flag's former name). It refuses to replace a block with a table of fewer finished runs
+than the block holds (runs missing on disk), unless --force.
 
 An entry with `rescore: NAME` trains nothing: it evaluates entry NAME's `model_best.pth` of each seed with its own
 `set` (eval or data keys, e.g. `eval.beta=0.9`) through evaluate.py, after the training entries; its dev column
@@ -50,10 +52,13 @@ from pathlib import Path
 import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
 
+from coder.checkpoint import upgrade_config
 from coder.config import ConfigError, load_config
 from coder.stats import paired_t_interval
+from coder.step import check_config
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "studies.md"  # the page whose blocks the study tables are (--docs without a file)
 # (column, how to read it from eval_<split>.json)
 COLUMNS = (
     ("dev R@sum", lambda r: r.get("best_dev_rsum")),
@@ -69,7 +74,7 @@ COLUMNS = (
 
 
 def markers(name: str) -> tuple[str, str]:
-    """The README block that study `name` owns."""
+    """The block of docs/studies.md that study `name` owns."""
     return f"<!-- study:{name}:start -->", f"<!-- study:{name}:end -->"
 
 
@@ -118,7 +123,7 @@ def check_configs(study: dict, path: Path) -> None:
         if "rescore" in run:
             continue  # evaluate.py checks its overrides against the checkpoint's config
         try:
-            load_config(REPO / run["config"], run["set"])
+            check_config(load_config(REPO / run["config"], run["set"], upgrade=upgrade_config))
         except ConfigError as err:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): {err}") from err
 
@@ -270,17 +275,32 @@ def finished_runs(block: str) -> int:
     return sum(int(row[column]) for row in rows[2:] if len(row) > column and row[column].isdigit())
 
 
-def write_readme(readme: Path, name: str, block: str, force: bool) -> None:
-    """Replace study `name`'s README block by `block`, refusing (unless forced) to publish fewer finished runs
-    than the block holds: a --table-only with runs missing on disk must not erase the published table."""
+def check_docs_page(page: Path, name: str) -> None:
+    """Study tables are written into docs/ (docs/studies.md), never into a README, and only into a block the
+    page already holds; checked before the study trains, so a long study does not fail at its end."""
+    if page.name.lower() == "readme.md":
+        raise StudyError(f"{page}: study tables are written into docs/studies.md, not into a README "
+                         f"(--docs without a file writes there)")
     start, end = markers(name)
-    text = readme.read_text()
-    held = finished_runs(text.split(start, 1)[1].split(end, 1)[0]) if start in text and end in text else 0
+    if not page.is_file():
+        raise StudyError(f"{page}: no such page for the study:{name} block")
+    text = page.read_text()
+    if start not in text or end not in text:
+        raise StudyError(f"{page} has no '{start}' ... '{end}' block to replace")
+
+
+def write_docs(page: Path, name: str, block: str, force: bool) -> None:
+    """Replace study `name`'s block of the docs page by `block`, refusing (unless forced) to publish fewer
+    finished runs than the block holds: a --table-only with runs missing on disk must not erase the table."""
+    check_docs_page(page, name)
+    start, end = markers(name)
+    text = page.read_text()
+    held = finished_runs(text.split(start, 1)[1].split(end, 1)[0])
     found = finished_runs(block)
     if found < held and not force:
-        raise StudyError(f"{readme}: the study:{name} block holds {held} finished runs but only {found} were "
+        raise StudyError(f"{page}: the study:{name} block holds {held} finished runs but only {found} were "
                          f"found; not replaced (--force replaces it anyway)")
-    readme.write_text(replace_block(text, block, readme, start, end))
+    page.write_text(replace_block(text, block, page, start, end))
 
 
 def main(argv=None) -> int:
@@ -291,16 +311,19 @@ def main(argv=None) -> int:
                         "study: an entry of the same name and settings reuses the same runs)")
     parser.add_argument("--only", nargs="+", help="run only these entries (the table still lists all)")
     parser.add_argument("--split", default="test", help="the split whose eval json is tabulated")
-    parser.add_argument("--readme", type=Path, help="file whose study block is replaced by the table")
+    parser.add_argument("--docs", "--readme", dest="docs", type=Path, nargs="?", const=DOCS, metavar="FILE",
+                        help="replace the study's block of this page by the table (default docs/studies.md)")
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate what exists")
     parser.add_argument("--force", action="store_true",
-                        help="replace the README block even with fewer finished runs than it holds")
+                        help="replace the docs block even with fewer finished runs than it holds")
     parser.add_argument("--log", type=Path, help="append the runs' output here (default: inherit)")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
         seeds = args.seeds or study["seeds"]
         out = args.out or REPO / "runs" / "study"
+        if args.docs:
+            check_docs_page(args.docs, args.study.stem)
         if not args.table_only:
             check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None
@@ -310,9 +333,9 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
-        if args.readme:
-            write_readme(args.readme, args.study.stem, block, args.force)
-    except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the README has no block
+        if args.docs:
+            write_docs(args.docs, args.study.stem, block, args.force)
+    except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the page has no such block
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(block)

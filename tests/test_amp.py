@@ -7,7 +7,8 @@ import torch
 from coder.checkpoint import load_checkpoint
 from coder.config import load_config
 from coder.engine import Trainer, amp_dtype
-from coder.losses.objective import Bank, build_objective
+from coder.losses import Bank
+from coder.step import build_objective
 
 B, Q, F, K = 8, 16, 32, 5
 
@@ -58,6 +59,7 @@ def test_amp_modes(monkeypatch):
 def test_legacy_boolean_amp_still_loads():
     assert load_config(None, ["train.amp=true"])["train"]["amp"] == "auto"
     assert load_config(None, ["train.amp=false"])["train"]["amp"] == "off"
+    assert load_config(None, ["train.amp=off"])["train"]["amp"] == "off"  # YAML 1.1 reads a bare off as false
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
@@ -79,3 +81,24 @@ def test_half_precision_trains_and_resumes_its_gradient_scaler(mode, tiny_coder_
         resumed = Trainer(cfg, tmp_path / "run", resume="auto", progress=False)
         resumed.log.close()
         assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+
+
+@pytest.mark.parametrize("mode, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("off", torch.float32)])
+def test_train_amp_reaches_every_encoder_layer_of_the_step(mode, dtype, tiny_coder_data, tiny_bert_dir, tmp_path):
+    """What train.amp auto picks on a GPU (bf16 on Ampere and later, fp16 before) is what the training step's
+    encoders run in: every linear layer the step runs (BERT, the heads, the concept branch, the momentum
+    encoders) computes in that dtype; off: float32."""
+    root = tiny_coder_data
+    cfg = load_config("configs/demo.yaml", [
+        f"data.root={root}", f"model.text_encoder={tiny_bert_dir}", "model.text_layers=2", "model.region_dim=16",
+        "model.embed_dim=16", f"model.concept.vocab={root / 'concepts.npz'}", "model.momentum.queue_size=16",
+        "cluster.k=7", "train.batch_size=8", "train.max_steps_per_epoch=1", "train.epochs=1", "train.device=cpu",
+        "eval.batch_size=20", f"train.amp='{mode}'"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seen = set()
+    linears = [m for m in trainer.step.modules() if isinstance(m, torch.nn.Linear)]
+    for module in linears:
+        module.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
+    trainer.train_epoch(0)
+    trainer.log.close()
+    assert len(linears) > 10 and seen == {dtype}

@@ -108,3 +108,98 @@ def test_progress_bar_runs(capsys):
     x, _ = planted(seed=7)
     result = spherical_kmeans(x, 8, iters=3, progress=True)
     assert np.isfinite(result.inertia).all()
+
+
+# ------------------------------------------------------------------------------- when training re-clusters
+def tiny_coder_config(root, bert_dir, *overrides):
+    from coder.config import load_config
+
+    return load_config("configs/demo.yaml", [
+        f"data.root={root}", f"model.text_encoder={bert_dir}", "model.text_layers=2", "model.region_dim=16",
+        "model.embed_dim=16", f"model.concept.vocab={root / 'concepts.npz'}", "model.momentum.queue_size=16",
+        "cluster.k=7", "cluster.iters=2", "train.batch_size=8", "train.max_steps_per_epoch=2", "train.device=cpu",
+        "eval.batch_size=20", *overrides])
+
+
+class Stop(Exception):
+    """Ends a run right after a chosen checkpoint, as a kill would."""
+
+
+def test_kmeans_runs_once_per_epoch_from_start_epoch_and_not_again_after_a_mid_epoch_resume(
+        tiny_coder_data, tiny_bert_dir, tmp_path, monkeypatch):
+    """§3.4: the pairs are re-clustered at the start of every epoch from cluster.start_epoch (here 1 of 0-2),
+    on the un-augmented training split; a run stopped after a mid-epoch checkpoint of epoch 1 and resumed
+    keeps that epoch's saved labels (no second k-means in epoch 1) and clusters again for epoch 2."""
+    from coder.engine import Trainer
+
+    cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=3", "cluster.start_epoch=1",
+                            "train.save_every=1")
+    import coder.clustering
+    import coder.engine
+
+    calls, augmented, runs, update, save_last = [], [], [], Trainer.update_clusters, Trainer.save_last
+    cluster, kmeans = coder.engine.cluster_training_pairs, coder.clustering.spherical_kmeans
+
+    def spy(self, epoch):
+        calls.append(epoch)
+        return update(self, epoch)
+
+    def cluster_spy(encode_pairs, dataset, **kwargs):
+        augmented.append(dataset.train)
+        return cluster(encode_pairs, dataset, **kwargs)
+
+    def kmeans_spy(x, k, **kwargs):
+        result = kmeans(x, k, **kwargs)
+        runs.append((k, kwargs["iters"], kwargs["init"], result.centroids.clone()))
+        return result
+
+    def save_then_stop_in_epoch_1(self):
+        save_last(self)
+        if (self.epoch, self.step_in_epoch) == (1, 1):
+            raise Stop
+
+    monkeypatch.setattr(Trainer, "update_clusters", spy)
+    monkeypatch.setattr(coder.engine, "cluster_training_pairs", cluster_spy)
+    monkeypatch.setattr(coder.clustering, "spherical_kmeans", kmeans_spy)
+    monkeypatch.setattr(Trainer, "save_last", save_then_stop_in_epoch_1)
+    with pytest.raises(Stop):
+        Trainer(cfg, tmp_path, progress=False).fit()
+    assert calls == [1]
+    monkeypatch.setattr(Trainer, "save_last", save_last)
+    resumed = Trainer(cfg, tmp_path, resume="auto", progress=False)
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 1) and resumed.labels is not None
+    calls.clear()
+    resumed.fit()
+    assert calls == [2] and augmented == [False, False]
+    # cluster.k prototypes and cluster.iters iterations; epoch 2 starts from epoch 1's centroids (online
+    # k-means), carried through the checkpoint
+    (k1, iters1, init1, centroids1), (k2, iters2, init2, _) = runs
+    assert (k1, iters1, k2, iters2) == (7, 2, 7, 2) and init1 is None
+    torch.testing.assert_close(init2, centroids1)
+
+
+def test_kmeans_input_is_the_normalised_sum_of_the_momentum_pair_embeddings(tiny_coder_data, tiny_bert_dir,
+                                                                            tmp_path):
+    """§3.4 clusters "the summation of instance-level representations v^I and w^I": x = L2norm(v^I + w^I) of
+    each pair, from the momentum encoders (at the start equal to the online ones; an online update that the
+    key encoders have not followed yet leaves x as it was)."""
+    from coder.data import collate
+    from coder.engine import Trainer, training_split
+
+    cfg = tiny_coder_config(tiny_coder_data, tiny_bert_dir, "train.epochs=1")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.log.close()
+    trainer.step.eval()  # the model and the momentum encoders (dropout off)
+    model = trainer.model
+    data = training_split(cfg, trainer.tokenizer, train=False)
+    batch = collate([data[i] for i in range(0, len(data), 7)])
+    inputs = (batch["regions"], batch["region_lengths"], batch["input_ids"], batch["text_lengths"])
+    with torch.no_grad():
+        x = trainer.step.momentum.encode_pairs(*inputs)
+        v = model.encode_image(batch["regions"], batch["region_lengths"])["v_i"]
+        w = model.encode_text(batch["input_ids"], batch["text_lengths"])["w_i"]
+        torch.testing.assert_close(x, F.normalize(v + w, dim=-1))
+        assert not torch.allclose(x, F.normalize(v, dim=-1)) and not torch.allclose(x, F.normalize(w, dim=-1))
+        for p in [*model.image_encoder.parameters(), *model.text_encoder.parameters()]:
+            p.add_(torch.randn_like(p))
+        torch.testing.assert_close(trainer.step.momentum.encode_pairs(*inputs), x)

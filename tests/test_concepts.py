@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coder import concepts as C
+from coder.concepts import load_concepts
 from coder.demo import export_demo_glove
+from coder.tools import vocabulary as C
 
 REPO = Path(__file__).resolve().parents[1]
 NOUNS = ["dog", "man", "woman", "ball", "grass", "street", "car", "tree", "beach", "bike"]
@@ -91,7 +92,7 @@ def test_build_from_train_only(root: Path):
         assert data["cooccurrence"].shape == (10, 10) and data["counts"].dtype == np.int64
     info = json.loads((root / "concepts.json").read_text())
     assert info["words"] == words and info["source_captions"].endswith("train_caps.txt")
-    loaded = C.load_concepts(root / "concepts.npz")
+    loaded = load_concepts(root / "concepts.npz")
     np.testing.assert_array_equal(loaded.cooccurrence, vocab.cooccurrence)
 
 
@@ -179,7 +180,7 @@ def test_load_concepts_names_bad_key(tmp_path: Path):
     np.savez(path, words=np.array(["a", "b"]), pos=np.array(["noun", "noun"]), counts=np.ones(2, np.int64),
              cooccurrence=np.zeros((3, 3), np.int64), glove=np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="'cooccurrence' has shape"):
-        C.load_concepts(path)
+        load_concepts(path)
 
 
 def test_nltk_path_takes_majority_tag(monkeypatch, tmp_path: Path):

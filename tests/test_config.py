@@ -50,8 +50,10 @@ def test_yaml_and_overrides(tmp_path):
     ("", ["data.prepare=glove"], "data.prepare"),
 ])
 def test_errors_name_the_key(tmp_path, text, override, match):
+    from coder.step import check_config  # the names registries own are the builders' to check
+
     with pytest.raises(ConfigError, match=match):
-        load_config(write(tmp_path, text), override)
+        check_config(load_config(write(tmp_path, text), override))
 
 
 def test_base_files_layer_in_order(tmp_path):
@@ -88,7 +90,8 @@ def test_every_shipped_config_loads():
 
 
 def test_checkpoint_configs_drop_retired_keys_and_gain_new_ones():
-    from coder.config import DEFAULTS, from_dict
+    from coder.checkpoint import saved_config as from_dict
+    from coder.config import DEFAULTS
 
     old = copy.deepcopy(DEFAULTS)
     old["method"] = "vse"
@@ -97,10 +100,30 @@ def test_checkpoint_configs_drop_retired_keys_and_gain_new_ones():
     del old["train"]["grad_clip_scope"]
     del old["model"]["text_packing"]
     cfg = from_dict(old)
-    assert "method" not in cfg and "demo" not in cfg["data"] and "clip_dim" not in cfg["data"]
+    assert "method" not in cfg and "clip_dim" not in cfg["data"] and "demo_seed" not in cfg["data"]
+    assert cfg["data"]["demo"] == DEFAULTS["data"]["demo"]  # the old switch dropped; the generated world's defaults
     assert cfg["model"]["text_packing"] == DEFAULTS["model"]["text_packing"]  # same numbers either way
     # keys whose default changed what the code did: an old run resumes with what it trained with
     assert cfg["loss"]["dcl_positive"] == "paper" != DEFAULTS["loss"]["dcl_positive"]
     assert cfg["train"]["grad_clip_scope"] == "all" != DEFAULTS["train"]["grad_clip_scope"]
     current = copy.deepcopy(DEFAULTS)
     assert from_dict(current)["train"]["grad_clip_scope"] == DEFAULTS["train"]["grad_clip_scope"]
+
+
+def test_a_config_file_that_is_not_yaml_text_is_one_line_naming_it(tmp_path):
+    """--config given a checkpoint (binary) by mistake: a ConfigError naming the file, not a UnicodeDecodeError."""
+    path = tmp_path / "model_best.pth"
+    path.write_bytes(b"PK\x03\x04\x80\x02\xff\xfe" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=f"config file {path} is not YAML text") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_docs_config_page_is_the_schema():
+    """docs/config.md holds the table `python -m coder.config` prints from the schema (each key defined once)."""
+    from pathlib import Path
+
+    from coder.config import key_table
+
+    page = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert key_table() in page, "regenerate the table: python train.py --keys"

@@ -24,7 +24,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import train
-from coder.config import _INT_OR_AUTO, _RANGES, DEFAULTS, ConfigError, Range, choices, merge, nest, validate
+from coder.config import DEFAULTS, REGISTRY, SCHEMA, ConfigError, Range, merge, nest, validate
+from coder.losses import INSTANCE_LOSSES, POSITIVE_FORMS
+from coder.models.aggregators import AGGREGATORS
+from coder.models.concept import CONCEPT_ENCODERS, CONCEPT_SCORES
+from coder.step import check_config
 
 SCALE = int(os.environ.get("CODER_PROPERTY_SCALE", "1"))
 IMAGES, REGION_DIM = 8, 16
@@ -38,7 +42,16 @@ def flat(node: dict, prefix: str = "") -> dict:
 
 
 KEYS = flat(DEFAULTS)
-CHOICES = choices()  # the schema's choices, the registries' names included
+_RANGES = {name: key.allowed for name, key in SCHEMA.items() if isinstance(key.allowed, Range)}
+_INT_OR_AUTO = tuple(name for name, key in SCHEMA.items() if key.auto)
+# the schema's choices and the registries' names (their builders check them)
+CHOICES = {name: key.allowed for name, key in SCHEMA.items() if isinstance(key.allowed, tuple)} | {
+    "model.aggregator": tuple(AGGREGATORS), "model.concept.encoder": CONCEPT_ENCODERS,
+    "model.concept.score": CONCEPT_SCORES, "loss.instance": tuple(INSTANCE_LOSSES), "loss.dcl_positive": POSITIVE_FORMS}
+
+
+def test_every_registry_key_of_the_schema_has_its_names_here():
+    assert {name for name, key in SCHEMA.items() if key.allowed == REGISTRY} <= set(CHOICES)
 
 
 def examples(n: int):
@@ -121,6 +134,7 @@ def test_every_value_of_every_key_is_refused_by_name_or_accepted(case):
     try:
         merge(cfg, nest(key.split("."), value))
         validate(cfg)
+        check_config(cfg)
     except ConfigError as err:
         assert f"'{key}'" in str(err) or kind == "edge", err  # an edge may break a relation with another key
         assert "\n" not in str(err)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from coder.concepts import build_concepts, read_captions, tokenize
 from coder.config import load_config
 from coder.demo import generate_demo_data
 from coder.engine import Trainer
+from coder.tools.vocabulary import build_concepts, read_captions, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -52,7 +52,7 @@ def spy_losses(monkeypatch) -> list[str]:
     without one)."""
     import importlib
 
-    import coder.losses.terms as terms
+    import coder.losses.registry as terms
 
     dcl_module = importlib.import_module("coder.losses.dcl")  # the module (coder.losses.dcl is the function)
 
@@ -173,8 +173,8 @@ def test_config_trains_one_step(path, tiny_data, tiny_bert_dir, tmp_path, monkey
         # P^C gets no gradient before k-means labels exist; everything else the step uses must move
         idle = {n for n in unchanged(trainer, before) if ".prototypes." not in f".{n}"}
         assert not idle, f"{path}: parameters not updated by the step: {sorted(idle)[:8]}"
-        if trainer.model.momentum is not None:
-            assert trainer.model.momentum.queue_v.fill_fraction() > 0, f"{path}: keys were not enqueued"
+        if trainer.step.momentum is not None:
+            assert trainer.step.momentum.queue_v.fill_fraction() > 0, f"{path}: keys were not enqueued"
 
         if has_pgc:  # epoch 1: k-means on the momentum features, then a step with L_PGC (Eq. 7)
             assert not trainer.objective.needs_labels(0) and trainer.objective.needs_labels(1)

@@ -135,6 +135,52 @@ def test_region_dropout_rate_order_and_at_least_one(tmp_path, tokenizer):
     assert min(lengths) == 1
 
 
+@pytest.mark.parametrize("dropout, corruption", [(0.5, 0.0), (0.0, 0.9)])
+def test_the_training_split_takes_each_augmentation_rate_from_its_own_key(tmp_path, tokenizer, dropout,
+                                                                         corruption):
+    """data.region_dropout reaches the regions and data.word_corruption the captions, each alone (one of them
+    0 here); without augmentation (the k-means pass, data.augment false) neither acts."""
+    from coder.config import load_config
+    from coder.engine import training_data, training_split
+
+    caption = " ".join(WORDS)
+    write_split(tmp_path, images=4, regions=36, captions=[caption] * 20)
+    cfg = load_config(None, [f"data.root={tmp_path}", f"data.region_dropout={dropout}",
+                             f"data.word_corruption={corruption}", "model.region_dim=3", "train.batch_size=2",
+                             "model.momentum.enabled=false", "model.concept.enabled=false"])
+    plain = tokenize_caption(tokenizer, caption, cfg["data"]["max_words"])
+
+    def augmented(data):
+        data.set_epoch(0)
+        items = [data[i] for i in range(len(data))]
+        return (any(item["regions"].shape[0] < 36 for item in items),
+                any(item["input_ids"].tolist() != plain for item in items))
+
+    assert augmented(training_split(cfg, tokenizer, train=True)) == (dropout > 0, corruption > 0)
+    assert augmented(training_split(cfg, tokenizer, train=False)) == (False, False)
+    assert augmented(training_data(cfg, tokenizer, 1, 0, "cpu")[0]) == (dropout > 0, corruption > 0)
+    cfg["data"]["augment"] = False
+    assert augmented(training_data(cfg, tokenizer, 1, 0, "cpu")[0]) == (False, False)
+
+
+def test_the_training_splits_augmentations_follow_train_seed_and_the_epoch(tmp_path, tokenizer):
+    """The seeds of a study differ in their augmentations too: the training split's draws are a function of
+    train.seed and the epoch (the same pair, the same draws)."""
+    from coder.config import load_config
+    from coder.engine import training_split
+
+    write_split(tmp_path, images=4, regions=36, captions=[" ".join(WORDS)] * 20)
+
+    def draws(seed, epoch):
+        cfg = load_config(None, [f"data.root={tmp_path}", "model.region_dim=3", f"train.seed={seed}"])
+        data = training_split(cfg, tokenizer, train=True)
+        data.set_epoch(epoch)
+        return [(data[i]["regions"].tolist(), data[i]["input_ids"].tolist()) for i in range(len(data))]
+
+    assert draws(1, 0) == draws(1, 0)
+    assert draws(1, 0) != draws(2, 0) and draws(1, 0) != draws(1, 1)
+
+
 def test_augmentation_is_reproducible_from_torch_seed(tmp_path, tokenizer):
     write_split(tmp_path, images=2, regions=36, captions=[" ".join(WORDS * 2)] * 10)
     data = PrecompDataset(tmp_path, "train", tokenizer, train=True)

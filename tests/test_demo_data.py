@@ -98,16 +98,15 @@ def test_each_word_names_one_concept():
     assert not np.array_equal(protos["dog"], protos["cat"])
 
 
-def test_noiseless_regions_are_made_of_their_scene_prototypes(monkeypatch):
+def test_noiseless_regions_are_made_of_their_scene_prototypes():
     """Slow float64 re-derivation: with the noise off, each region solves exactly (least squares over
     all prototypes) to weights on its own scene's concepts only; background regions hold the place."""
-    monkeypatch.setattr(demo, "NOISE_STD", 0.0)
     dim = 128  # > number of concepts, so the prototypes are linearly independent
     protos = demo.concept_prototypes(3, dim).astype(np.float64)
     solve = np.linalg.pinv(protos.T)  # least-squares weights of a region over all prototypes
     rng = np.random.default_rng(3)
     scenes = [demo.sample_scene(rng) for _ in range(6)]
-    feats = demo.region_features(np.random.default_rng(4), scenes, protos.astype(np.float32))
+    feats = demo.region_features(np.random.default_rng(4), scenes, protos.astype(np.float32), noise_std=0.0)
     for scene, image in zip(scenes, feats):
         present = {demo.CONCEPT_INDEX[c] for inst in scene.instances
                    for c in (inst.noun.concept, inst.noun.category, inst.colour, inst.size)}
@@ -250,3 +249,27 @@ def test_cli_writes_and_skips_when_current(tmp_path, capsys):
     assert demo.demo_is_current(out, **SMALL) and "wrote" in capsys.readouterr().out
     cli.main(args)
     assert "current" in capsys.readouterr().out
+
+
+def test_the_generated_worlds_settings_are_config_keys(tmp_path):
+    """data.demo.* reach the generator: sizes and the regions' noise (the world's difficulty); the default noise
+    leaves the manifest as it was, so the shipped demo folders stay current."""
+    from coder import demo
+    from coder.config import load_config
+
+    cfg = load_config("configs/demo.yaml", [f"data.root={tmp_path / 'w'}", "model.concept.enabled=false",
+                                            "data.demo.train_images=7", "data.demo.dev_images=3",
+                                            "data.demo.test_images=2", "data.demo.seed=5", "data.demo.noise_std=0.0",
+                                            "model.region_dim=8"])
+    demo.prepare(cfg)
+    root = tmp_path / "w"
+    assert [len(np.load(root / f"{s}_ims.npy")) for s in ("train", "dev", "test")] == [7, 3, 2]
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    assert manifest["seed"] == 5 and manifest["noise_std"] == 0.0
+    noisy = tmp_path / "noisy"
+    demo.ensure_demo_data(noisy, seed=5, train_images=7, dev_images=3, test_images=2, region_dim=8, noise_std=3.0)
+    # the same scenes: only the noise differs, and more noise moves the regions further from the prototypes
+    clean, loud = np.load(root / "train_ims.npy"), np.load(noisy / "train_ims.npy")
+    assert (root / "train_caps.txt").read_text() == (noisy / "train_caps.txt").read_text()
+    assert not np.allclose(clean, loud)
+    assert "noise_std" not in json.loads((demo.ensure_demo_data(tmp_path / "d", **SMALL) / "MANIFEST.json").read_text())

@@ -36,7 +36,7 @@ train_epoch = engine.Trainer.train_epoch
 
 def train_epoch_and_dump(self, epoch):
     train_epoch(self, epoch)
-    state = {{"model": self.model.state_dict(), "labels": self.labels, "centroids": self.centroids}}
+    state = {{"model": self.step.state_dict(), "labels": self.labels, "centroids": self.centroids}}
     torch.save(state, Path({out!r}) / f"rank{{self.rank}}_epoch{{epoch}}.pth")
 
 
@@ -136,16 +136,16 @@ def test_ranks_hold_identical_models_banks_and_labels(runs):
 
 def test_banks_enqueue_the_keys_of_both_ranks(runs):
     """Every step writes 2 ranks x batch keys (all-gathered); the pointer wraps around the queue size."""
-    model = load(runs["ddp2"] / "checkpoint_last.pth")["model"]
+    momentum = load(runs["ddp2"] / "checkpoint_last.pth")["momentum"]
     written = EPOCHS * STEPS * 2 * BATCH
     for bank in ("queue_v", "queue_w"):
-        assert int(model[f"momentum.{bank}.ptr"]) == written % QUEUE
-        assert int(model[f"momentum.{bank}.filled"]) == min(written, QUEUE)
-        ids = model[f"momentum.{bank}.ids"]
+        assert int(momentum[f"{bank}.ptr"]) == written % QUEUE
+        assert int(momentum[f"{bank}.filled"]) == min(written, QUEUE)
+        ids = momentum[f"{bank}.ids"]
         assert ((ids >= 0) & (ids < 16)).all(), ids  # every slot holds a real training image id
     # one process under the launcher enqueues half as many keys
-    single = load(runs["ddp1"] / "checkpoint_last.pth")["model"]
-    assert int(single["momentum.queue_v.ptr"]) == (EPOCHS * STEPS * BATCH) % QUEUE
+    single = load(runs["ddp1"] / "checkpoint_last.pth")["momentum"]
+    assert int(single["queue_v.ptr"]) == (EPOCHS * STEPS * BATCH) % QUEUE
 
 
 def test_one_process_launcher_matches_plain_python(runs):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coder.eccv import _package_dir, coco_test_ids, eccv_metrics, metrics_from_top_k, needed_k, top_k
+from coder.evaluation.eccv import _package_dir, coco_test_ids, eccv_metrics, metrics_from_top_k, needed_k, top_k
 
 
 @pytest.fixture(scope="module")

@@ -83,10 +83,9 @@ def unpacked_gru(self, pe, distinct):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_one_training_step_of_each_method_runs_on_a_fake_device(method, monkeypatch):
     from coder.config import load_config
-    from coder.losses.objective import build_objective
     from coder.models.aggregators import GPO
     from coder.models.model import build_itr_model
-    from coder.step import ContrastiveStep
+    from coder.step import build_step
 
     monkeypatch.setattr(GPO, "packed_gru", unpacked_gru)
     cfg = load_config(None, COMMON + METHODS[method])
@@ -96,7 +95,7 @@ def test_one_training_step_of_each_method_runs_on_a_fake_device(method, monkeypa
     torch.manual_seed(0)
     model = build_itr_model(cfg["model"], tiny_bert(vocab_size=100), concepts if cfg["model"]["concept"]["enabled"]
                             else None)
-    step = ContrastiveStep(model, build_objective(cfg)).train()
+    step = build_step(cfg, model).train()
     regions = 5 if method == "user" else None  # SGE needs every region
     items = [{"regions": torch.randn(regions or n, 16), "input_ids": torch.randint(1, 100, (n + 2,)),
               "image_index": i // 2, "index": i, "clip": torch.randn(12)} for i, n in enumerate((3, 5, 2, 4))]

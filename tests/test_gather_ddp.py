@@ -5,7 +5,7 @@ Full CODER (instance DCL with batch + bank diversity, M-DCL masking the own imag
 tiny random model. Each rank takes the rows DistributedSampler would give it (r, r + 2, ...). Under DDP
 with gathering, the loss and every parameter gradient must equal a single process's on all 8 rows;
 without gathering they must not. The model runs in eval mode so dropout and BatchNorm are deterministic
-(BatchNorm statistics are per process on CPU, see the README's Multi-GPU section).
+(BatchNorm statistics are per process on CPU, see docs/gpu.md, Multi-GPU).
 """
 import os
 
@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from coder.config import load_config
-from coder.losses.objective import build_objective
 from coder.models.bigru import BiGRUBackbone
 from coder.models.model import build_itr_model
 from coder.models.text import tiny_bert
-from coder.step import ContrastiveStep
+from coder.step import ContrastiveStep, build_step
 from coder.vocab import SPECIALS, WordVocabulary
 from tests.ddp import join_group, leave_group, spawn
 
@@ -44,7 +43,9 @@ def build(gather: bool, text: str = "bert") -> ContrastiveStep:
                 "glove": rng.normal(size=(7, 6)).astype(np.float32)}
     torch.manual_seed(0)
     model = build_itr_model(cfg["model"], text_backbone(text), concepts)
-    return ContrastiveStep(model, build_objective(cfg), gather_batch=gather).eval()
+    step = build_step(cfg, model).eval()
+    step.gather_batch = gather
+    return step
 
 
 def data() -> tuple[dict, torch.Tensor]:

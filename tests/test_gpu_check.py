@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py --dry-run: every stage of the GPU acceptance run on the CPU at tiny sizes, with the
-JSON keys of the GPU run, and the stop-and-resume stage gives the uninterrupted run's metrics."""
+JSON keys of the GPU run, and the stop-and-resume stage gives the uninterrupted run's metrics; it fails (exit 1)
+when a target fails, e.g. a sync planted in the training step."""
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_check  # noqa: E402
 
-STAGES = ["resume", "sync", "train_step", "kmeans", "eval"]
+STAGES = gpu_check.STAGES
 # about 30 s on two idle CPU cores (every stage at tiny sizes)
 
 
@@ -28,10 +29,34 @@ def test_dry_run_writes_every_stage(report):
     assert all(r["step_s"] > 0 for rows in report["train_step"].values() for r in rows)
     assert [(r["n"], r["k"]) for r in report["kmeans"]] == gpu_check.DRY["kmeans"]
     assert report["eval"]["captions"] == 5 * report["eval"]["images"]
-    assert report["sync"]["steps"] == gpu_check.DRY["sync_steps"] and report["sync"]["syncs"] >= 0  # 0: sync-free
+    assert report["sync"]["steps"] == gpu_check.DRY["sync_steps"]
+    assert report["sync"]["syncs_per_step"] == 0, report["sync"]["where"]  # as a CUDA run would count them
+    assert all(r["loader_s"] > 0 for rows in report["train_step"].values() for r in rows)
+    assert report["failures"] == []
 
 
 def test_stopped_and_resumed_demo_equals_the_uninterrupted_one(report):
     resume = report["resume"]
     assert resume["stopped_at"]["step_in_epoch"] > 0  # stopped mid-epoch, not at an epoch end
     assert resume["metrics_equal"] and resume["rsum_resumed"] == resume["rsum_uninterrupted"]
+
+
+def test_a_sync_planted_in_the_step_fails_the_check(tmp_path, monkeypatch, capsys):
+    from coder.step import ContrastiveStep
+
+    forward = ContrastiveStep.forward
+
+    def planted(self, *args):
+        out = forward(self, *args)
+        out[0].item()  # one wait for the device per step
+        return out
+    monkeypatch.setattr(ContrastiveStep, "forward", planted)
+    out = tmp_path / "gpu_check.json"
+    # the clean dry run above makes 0 syncs per step: a limit of 0 passes it and fails one planted sync
+    code = gpu_check.main(["--dry-run", "--stages", "sync", "--max-syncs", "0", "--out", str(out),
+                           "--work", str(tmp_path / "work")])
+    report = json.loads(out.read_text())
+    assert code == 1 and report["sync"]["syncs_per_step"] == 1
+    [failure] = report["failures"]
+    assert failure.startswith("sync: 1 host syncs per step") and "tests/test_gpu_check.py" in failure
+    assert "FAILED sync" in capsys.readouterr().err

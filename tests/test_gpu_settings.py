@@ -118,3 +118,23 @@ def test_num_workers_must_be_auto_or_a_count(value):
 def test_num_workers_accepts_auto_and_counts():
     assert load_config(None)["data"]["num_workers"] == "auto"
     assert load_config(None, ["data.num_workers=0"])["data"]["num_workers"] == 0
+
+
+@pytest.mark.parametrize("device, sync, synced", [("cuda", True, True), ("cuda", False, False), ("cpu", True, False)])
+def test_ddp_syncs_batchnorm_on_cuda_only_when_asked(monkeypatch, device, sync, synced):
+    """train.sync_batchnorm under DDP on CUDA turns every BatchNorm of the step into SyncBatchNorm (statistics
+    over the global batch); on the CPU it cannot (SyncBatchNorm has no CPU kernel) and BatchNorm stays. A PGC
+    classifier unused before cluster.start_epoch makes DDP look for unused parameters."""
+    from coder import engine
+
+    wrapped = []
+    monkeypatch.setattr(engine.dist, "wrap_ddp", lambda module, on, find_unused: wrapped.append(find_unused) or module)
+    for prototypes in (None, torch.nn.Linear(2, 3)):
+        step = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        step.objective = SimpleNamespace(prototypes=prototypes)
+        out = engine.data_parallel(step, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                                   world=2, sync_batchnorm=sync)
+        kinds = {type(m) for m in out.modules()} & {torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm}
+        assert kinds == {torch.nn.SyncBatchNorm if synced else torch.nn.BatchNorm1d}
+        assert engine.data_parallel(step, torch.device("cpu"), world=1, sync_batchnorm=sync) is step
+    assert wrapped == [False, True]

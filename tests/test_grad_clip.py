@@ -53,3 +53,42 @@ def test_undetached_queries_clip_with_one_norm(tiny_coder_data, tiny_bert_dir, t
     trainer = Trainer(cfg, tmp_path, progress=False)
     trainer.log.close()
     assert list(clip_groups(trainer.model, trainer.objective, "branch")) == ["all"]
+
+
+def one_clipped_step(scaler, clip: float):
+    """One SGD step of a tiny linear layer through the engine's optimizer_step: (norms, parameters after)."""
+    from coder.engine import optimizer_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(torch.randn(5, 4)).pow(2).sum()
+    norms = optimizer_step(loss, optimizer, scaler, {"all": list(net.parameters())}, clip)
+    return norms, [p.detach().clone() for p in net.parameters()]
+
+
+def test_clipping_under_the_fp16_loss_scaler_sees_the_true_gradients():
+    """Under fp16 (a GPU-only path: train.amp auto picks it on pre-Ampere GPUs) the loss is scaled by 2**16
+    before backward; the gradients are unscaled before the clip, so the clip sees, reports and steps with
+    the same gradients as without a scaler. Here on the CPU, whose GradScaler scales the same way."""
+    plain_norms, plain = one_clipped_step(torch.amp.GradScaler("cpu", enabled=False), clip=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    norms, scaled = one_clipped_step(scaler, clip=0.5)
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16  # finite gradients: no step skipped
+    assert float(plain_norms["all"]) > 0.5  # the clip is active
+    torch.testing.assert_close(norms["all"], plain_norms["all"])
+    for after, reference in zip(scaled, plain):
+        torch.testing.assert_close(after, reference)
+
+
+def test_grad_clip_zero_turns_clipping_off():
+    """train.grad_clip: 0 means no clipping (not a clip to norm 0, which would zero every gradient): the step
+    is plain SGD's p - lr * grad."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    net(torch.randn(5, 4)).pow(2).sum().backward()
+    expected = [(p - 0.1 * p.grad).detach() for p in net.parameters()]
+    norms, after = one_clipped_step(torch.amp.GradScaler("cpu", enabled=False), clip=0.0)
+    assert norms == {}
+    for got, want in zip(after, expected):
+        torch.testing.assert_close(got, want)

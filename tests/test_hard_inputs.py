@@ -1,4 +1,4 @@
-"""Hard inputs: one test per row of the README's "Bad inputs" table, through the real command lines.
+"""Hard inputs: one test per row of the "Bad inputs" table (docs/bad-inputs.md), through the real command lines.
 
 Each test makes one bad input, runs `train.main` / `evaluate.main` / `scripts/build_concepts.py` in this
 process, and checks the exit status and that the message matches the row's "What you see" column (the
@@ -24,7 +24,7 @@ import train
 from coder.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "README.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 IMAGES, CAPTIONS_PER_IMAGE, REGION_DIM = 8, 5, 16
 TESTED_ROWS: set[str] = set()
 
@@ -33,7 +33,7 @@ TESTED_ROWS: set[str] = set()
 def doc_rows() -> dict[str, str]:
     """Input column -> message (inside backticks) of every row of the table."""
     rows = {}
-    section = DOC.read_text(encoding="utf-8").split("\n## Bad inputs\n", 1)[1].split("\n## ", 1)[0]
+    section = ("\n" + DOC.read_text(encoding="utf-8")).split("\n# Bad inputs\n", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         match = re.fullmatch(r"\| (.+?) \| `(.+)` \|", line)
         if match:
@@ -49,7 +49,7 @@ def row(name: str):
 
 def message_pattern(name: str) -> re.Pattern:
     matches = [msg for key, msg in doc_rows().items() if key.startswith(name)]
-    assert len(matches) == 1, f"README.md Bad inputs: {len(matches)} rows start with {name!r}"
+    assert len(matches) == 1, f"docs/bad-inputs.md: {len(matches)} rows start with {name!r}"
     parts = re.split(r"<[^<>]+>", matches[0])
     return re.compile(".+?".join(re.escape(p) for p in parts))
 
@@ -158,6 +158,8 @@ def test_numeric_value_outside_its_range(capsys, config, tmp_path):
     assert "must be positive, got -0.1" in train_fails(capsys, config, tmp_path, "train.lr=-0.1")
     assert "'model.momentum.m' must be in [0, 1), got 1.0" in train_fails(capsys, config, tmp_path,
                                                                        "model.momentum.m=1.0")
+    # a decay factor of 0 would zero the learning rate at the first of train.lr_decay_epochs
+    assert "'train.lr_decay' must be in (0, 1], got 0" in train_fails(capsys, config, tmp_path, "train.lr_decay=0")
 
 
 @row("Config value that is NaN or inf")
@@ -491,7 +493,7 @@ def test_glove_bad_line(capsys, data, tmp_path):
 
 @row("NaN or inf in a GloVe row")
 def test_glove_non_finite_row(capsys, data, tmp_path):
-    from coder.concepts import heuristic_pos, tokenize
+    from coder.tools.vocabulary import heuristic_pos, tokenize
 
     words = sorted({w for w in tokenize((data / "train_caps.txt").read_text()) if heuristic_pos(w)})
     glove = tmp_path / "glove.txt"
@@ -621,7 +623,7 @@ def test_eccv_needs_coco_5k(capsys, monkeypatch, trained):
     def encode(*args, **kwargs):
         raise AssertionError("the split was encoded before --eccv refused it")
 
-    monkeypatch.setattr("coder.evaluation.evaluate_model", encode)
+    monkeypatch.setattr("coder.evaluation.splits.evaluate_model", encode)
     code, err = run_evaluate(capsys, trained[1] / "model_best.pth", "--eccv")
     assert code == 2
     assert_message("`evaluate.py --eccv` on a split that is not COCO's 5K test", err)
@@ -638,7 +640,7 @@ def two_epoch_run(tmp_path, data, tiny_bert_dir):
 
 @row("Non-finite loss")
 def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, two_epoch_run):
-    from coder.losses.objective import Objective
+    from coder.step import Objective
 
     config, out = two_epoch_run
     forward, seen = Objective.forward, {}
@@ -658,6 +660,48 @@ def test_non_finite_loss_keeps_the_last_good_checkpoints(capsys, monkeypatch, tw
     assert seen and {name: digest(out / name) for name in seen} == seen  # byte-for-byte what epoch 0 wrote
     assert load_checkpoint(out / "checkpoint_last.pth")["epoch"] == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_non_finite_loss_early_in_a_logging_window_is_not_forgotten(capsys, monkeypatch, config, tmp_path):
+    """With train.log_every 2, a NaN loss at step 1 followed by finite steps stops the run at the window's
+    check (step 2). The NaN is added to the loss (its gradients stay finite, so the weights do not carry it
+    into the later steps): only the flag accumulated over the window remembers it."""
+    from coder.step import Objective
+
+    forward, calls = Objective.forward, []
+
+    def nan_at_step_1(self, *args, **kwargs):
+        loss, terms, diag = forward(self, *args, **kwargs)
+        calls.append(1)
+        return (loss + float("nan") if len(calls) == 1 else loss), terms, diag
+
+    monkeypatch.setattr(Objective, "forward", nan_at_step_1)
+    code, err = run_train(capsys, "--config", str(config), "--output", str(tmp_path / "run"),
+                          "--set", "train.log_every=2", "--set", "train.max_steps_per_epoch=3")
+    assert code == 1, err
+    assert_message("Non-finite loss", err)
+    assert "in epoch 0 near step 2;" in err
+
+
+def test_a_non_finite_loss_is_never_saved_by_a_mid_epoch_checkpoint(capsys, monkeypatch, config, tmp_path):
+    """A NaN at step 1 that reaches the weights, a mid-epoch checkpoint due after that step (save_every 1) and
+    no log line before the epoch's end (log_every 100): the run stops before the save, and no checkpoint of
+    NaN weights is left to resume from."""
+    from coder.step import Objective
+
+    forward = Objective.forward
+
+    def nan_everywhere(self, *args, **kwargs):
+        loss, terms, diag = forward(self, *args, **kwargs)
+        return loss * float("nan"), terms, diag
+
+    monkeypatch.setattr(Objective, "forward", nan_everywhere)
+    out = tmp_path / "run"
+    code, err = run_train(capsys, "--config", str(config), "--output", str(out), "--set", "train.log_every=100",
+                          "--set", "train.save_every=1")
+    assert code == 1, err
+    assert "in epoch 0 near step 1;" in err
+    assert not (out / "checkpoint_last.pth").exists() and not (out / "model_best.pth").exists()
 
 
 @row("Disk full while writing a checkpoint")

@@ -1,139 +1,107 @@
-"""A training step never waits on the host: the operations that read a device value back are counted over
-real training steps on the CPU (full CODER and USER) and stay at most 2 per step."""
-import traceback
-from collections import Counter
+"""A training step never waits on the host, as a CUDA run would execute it: the trainer's own loop runs on
+`coder.syncs.DeviceDouble` tensors (CPU data that behave as device tensors, so a copy to the CPU or a scalar
+read is seen, which a counter on CPU tensors cannot see) and makes at most 2 syncs per step for every method
+(benchmarks/host_syncs.py prints the same numbers)."""
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from coder.config import load_config
-from coder.engine import Trainer
+from coder.step import ContrastiveStep
+from coder.syncs import DEVICE, DeviceDouble, SyncCounter, to_device_double
 
-aten = torch.ops.aten
-# each of these makes the host wait for the device: a scalar read (.item(), int(), bool()), an output whose
-# size depends on values, a Python bool out of a comparison
-SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
-           aten.is_nonzero.default, aten._unique.default, aten._unique2.default, aten.unique_dim.default,
-           aten.unique_consecutive.default, aten.unique_dim_consecutive.default}
-MAX_SYNCS_PER_STEP = 2
-RNN_FILES = ("torch/nn/modules/rnn.py", "torch/nn/utils/rnn.py")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import host_syncs  # noqa: E402
+
+MAX_SYNCS_PER_STEP = host_syncs.MAX_SYNCS_PER_STEP
 
 
-def _has_bool_index(indices) -> bool:
-    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices if i is not None)
+def test_the_counter_sees_what_a_cpu_run_hides():
+    x = to_device_double(torch.arange(6.0).reshape(2, 3))
+    cpu = torch.ones(3)
+    with SyncCounter() as counter:
+        y = (x * 2).sum(0)  # device ops: kernels, no sync
+        assert counter.syncs == 0 and counter.ops == 2
+        assert type(y) is DeviceDouble and y.device == DEVICE
+        moved = torch.ones(4).to(DEVICE, non_blocking=True)  # pinned and asynchronous: no wait
+        assert counter.syncs == 0 and type(moved) is DeviceDouble
+        assert float(y[1]) == 10.0  # a scalar read
+        assert y.cpu().tolist() == [6.0, 10.0, 14.0]  # a device -> host copy
+        torch.tensor([3], device=DEVICE)  # a blocking host -> device copy
+        assert x[x > 2].numel() == 3  # a boolean mask: a nonzero in disguise
+        x.nonzero()
+        _ = x + cpu  # a CPU tensor into a device op
+        (cpu * 2).sum().item()  # the CPU alone: nothing
+    kinds = [where.split(" at ")[0] for where in counter.where.elements()]
+    assert sorted(kinds) == sorted(["scalar read", "device-to-host copy", "blocking host-to-device copy",
+                                    "boolean-mask index.Tensor", "data-dependent nonzero.default",
+                                    "CPU tensor into add.Tensor"]), counter.where
+    assert all("tests/test_host_syncs.py" in where for where in counter.where)
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the host-syncing operations dispatched while active, by name."""
+def test_an_rnn_call_counts_as_one_kernel_each_way_as_cudnn_runs_it():
+    """The CPU runs a GRU as a chain of per-step ops; CUDA as one cuDNN call forward and one backward."""
+    from coder.syncs import module_to_device_double
 
-    def __init__(self):
-        super().__init__()
-        self.counts, self.where = Counter(), Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in SYNCING:
-            self._count(str(func))
-        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and _has_bool_index(args[1]):
-            self._count(f"{func} (bool mask)")  # a mask index is a nonzero() in disguise
-        return func(*args, **kwargs)
-
-    def _count(self, name: str) -> None:
-        stack = traceback.extract_stack()
-        # a PackedSequence's batch_sizes stays on the CPU on every device (PyTorch keeps it there), so the
-        # GRU reading batch_sizes[0] is a host read, not a sync; on a CPU run it looks like one
-        if "_local_scalar_dense" in name and any(f.filename.endswith(RNN_FILES) for f in stack[-8:]):
-            return
-        self.counts[name] += 1
-        frames = [f for f in stack if "/coder/" in f.filename]
-        self.where[f"{name} at {frames[-1].filename.split('/coder/')[-1]}:{frames[-1].lineno}" if frames else name] += 1
+    gru = module_to_device_double(torch.nn.GRU(4, 4, batch_first=True, bidirectional=True))
+    packed = pack_padded_sequence(to_device_double(torch.randn(3, 9, 4)), torch.tensor([9, 5, 2]),
+                                  batch_first=True)
+    with SyncCounter() as counter:
+        gru(packed)[0].data.sum().backward()
+    assert counter.kernels["rnn (one cuDNN call)"] == counter.kernels["rnn backward (one cuDNN call)"] == 1
+    assert counter.syncs == 0 and counter.ops < 20, counter.kernels  # hundreds of per-step ops otherwise
 
 
-class PausedLoader:
-    """The trainer's loader with the counter paused while a batch is read: collate's work on the CPU,
-    before the batch moves to the device, is what a step should do instead of syncing."""
+def test_gpo_packs_sorted_as_unsorted_packing_would():
+    """GPO packs its CPU-sorted lengths longest first and flips back: the unsorted packing's output."""
+    from coder.models.aggregators import GPO, positional_encoding
 
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        batches = iter(self.loader)
-        while True:
-            with _disable_current_modes():
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield batch
-
-    def __len__(self):
-        return len(self.loader)
-
-
-def count_syncs(trainer: Trainer, epoch: int, steps: int) -> Counter:
-    trainer.cfg["train"]["max_steps_per_epoch"] = steps
-    trainer.step_in_epoch = 0
-    loader, trainer.train_loader = trainer.train_loader, PausedLoader(trainer.train_loader)
-    try:
-        with SyncCounter() as counter:
-            trainer.train_epoch(epoch)
-    finally:
-        trainer.train_loader = loader
-    assert trainer.step_in_epoch == steps
-    return counter.where
-
-
-def per_step_syncs(trainer: Trainer, epoch: int) -> Counter:
-    """Syncs of 4 steps: an epoch of 6 steps minus one of 2, so the epoch's set-up and end cancel out."""
-    long, short = count_syncs(trainer, epoch, 6), count_syncs(trainer, epoch, 2)
-    long.subtract(short)
-    return +long
-
-
-def tiny(config, root, bert_dir, *overrides):
-    return load_config(config, [
-        f"data.root={root}", f"model.text_encoder={bert_dir}", "model.text_layers=2", "model.region_dim=16",
-        "model.embed_dim=16", "model.momentum.queue_size=16", "train.batch_size=8", "train.epochs=2",
-        "train.device=cpu", "train.log_every=1000", "train.save_every=0", "eval.batch_size=20", *overrides])
+    torch.manual_seed(0)
+    gpo = GPO(8, 8)
+    distinct = torch.tensor([1, 3, 4, 7])  # Lengths.distinct: ascending, on the CPU
+    pe = positional_encoding(7, 8).expand(len(distinct), -1, -1)
+    packed = pack_padded_sequence(pe, distinct, batch_first=True, enforce_sorted=False)
+    expected = pad_packed_sequence(gpo.gru(packed)[0], batch_first=True, total_length=7)[0]
+    assert torch.equal(gpo.packed_gru(pe, distinct), expected)
 
 
 @pytest.fixture(scope="module")
-def coder_trainer(tiny_coder_data, tiny_bert_dir, tmp_path_factory):
-    cfg = tiny("configs/demo.yaml", tiny_coder_data, tiny_bert_dir,
-               f"model.concept.vocab={tiny_coder_data / 'concepts.npz'}",
-               "cluster.k=7", "data.region_dropout=0.2")
-    trainer = Trainer(cfg, tmp_path_factory.mktemp("coder_syncs"), progress=False)
-    trainer.update_clusters(1)  # PGC on: the step reads k-means labels
-    assert trainer.objective.needs_labels(1)
-    assert trainer.model.momentum is not None and trainer.model.concept is not None
-    return trainer
+def work(tiny_coder_data, tiny_bert_dir, tmp_path_factory):
+    return tiny_coder_data, tiny_bert_dir, tmp_path_factory.mktemp("host_syncs")
 
 
-def test_a_full_coder_step_syncs_at_most_twice(coder_trainer):
-    syncs = per_step_syncs(coder_trainer, 1)
-    assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
+@pytest.fixture(scope="module")
+def triplet(work):
+    root, bert, out = work
+    return host_syncs.device_trainer("triplet", root, bert, out / "triplet")
 
 
-def test_a_bigru_coder_step_never_syncs(tiny_coder_data, tiny_bert_dir, tmp_path):
-    """Full CODER with the BiGRU text encoder: packing takes its order and lengths from collate (the CPU), so
-    the step reads nothing back."""
-    cfg = tiny("configs/demo_bigru.yaml", tiny_coder_data, tiny_bert_dir,
-               f"model.concept.vocab={tiny_coder_data / 'concepts.npz'}", "cluster.k=7", "model.bigru.word_dim=8",
-               "model.bigru.hidden=16", "model.bigru.glove=", "model.bigru.min_count=1")
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    trainer.update_clusters(1)
-    assert type(trainer.model.text_encoder.backbone).__name__ == "BiGRUBackbone"
-    syncs = per_step_syncs(trainer, 1)
-    assert not syncs, dict(syncs)
+def test_a_planted_item_and_a_planted_cpu_copy_in_the_step_are_each_counted(triplet, monkeypatch):
+    assert host_syncs.per_step(triplet, steps=1)["syncs_per_step"] == 0
+    forward = ContrastiveStep.forward
+    for plant, kind in ((lambda loss: loss.item(), "scalar read"),
+                        (lambda loss: loss.detach().cpu(), "device-to-host copy")):
+        def planted(self, *args, plant=plant):
+            out = forward(self, *args)
+            plant(out[0])
+            return out
+        monkeypatch.setattr(ContrastiveStep, "forward", planted)
+        found = host_syncs.per_step(triplet, steps=1)
+        assert found["syncs_per_step"] == 1, found["where"]
+        [(where, count)] = found["where"].items()
+        assert where.startswith(kind) and "tests/test_host_syncs.py" in where and count == 1
 
 
-def test_a_user_step_syncs_at_most_twice(tiny_coder_data, tiny_bert_dir, tmp_path):
-    cfg = tiny("configs/demo_user.yaml", tiny_coder_data, tiny_bert_dir, "data.clip_features=false",
-               "model.user.cge=false")
-    trainer = Trainer(cfg, tmp_path, progress=False)
-    assert trainer.model.image_encoder.sge is not None and trainer.model.momentum is not None
-    syncs = per_step_syncs(trainer, 0)
-    assert sum(syncs.values()) <= MAX_SYNCS_PER_STEP * 4, dict(syncs)
+@pytest.mark.parametrize("method", ["coder", "coder_cvse", "user", "coder_bigru"])
+def test_a_step_of_each_method_syncs_at_most_twice_logged_or_not(method, work, triplet):
+    root, bert, out = work
+    trainer = triplet if method == "triplet" else host_syncs.device_trainer(method, root, bert, out / method)
+    for log_every in (1000, 1):
+        found = host_syncs.per_step(trainer, steps=1, log_every=log_every)
+        assert found["syncs_per_step"] <= MAX_SYNCS_PER_STEP, (log_every, found["where"])
+    trainer.log.close()
 
 
 def test_precomputed_lengths_give_the_tensor_lengths_numbers():
@@ -158,3 +126,28 @@ def test_precomputed_lengths_give_the_tensor_lengths_numbers():
     (v0, w0, g0), (v1, w1, g1) = outputs
     assert torch.equal(v0, v1) and torch.equal(w0, w1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_a_logged_step_reads_its_values_in_one_copy_and_logs_each(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from coder.logger import TrainLogger
+
+    terms = {"dcl": torch.tensor(0.25), "pgc": torch.tensor(1.5)}
+    diag = {"diversity_v": torch.tensor([0.5, 1.0]), "diversity_w": torch.tensor([2.0, 4.0])}
+    log = TrainLogger(tmp_path)
+    values = to_device_double((torch.tensor(1.75), terms, diag, {"all": torch.tensor(3.0)}))
+    with SyncCounter() as counter:
+        log.step(7, *values, lr=0.5, lr_text=0.05, rate=100.0, queue_fill=0.5)
+    log.close()
+    assert counter.syncs == 1, counter.where
+    events = EventAccumulator(str(tmp_path)).Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert logged == {"loss/total": [(7, 1.75)], "loss/dcl": [(7, 0.25)], "loss/pgc": [(7, 1.5)],
+                      "train/grad_norm": [(7, 3.0)], "diversity/diversity_v_mean": [(7, 0.75)],
+                      "diversity/diversity_v_min": [(7, 0.5)], "diversity/diversity_v_max": [(7, 1.0)],
+                      "diversity/diversity_w_mean": [(7, 3.0)], "diversity/diversity_w_min": [(7, 2.0)],
+                      "diversity/diversity_w_max": [(7, 4.0)], "train/lr": [(7, 0.5)],
+                      "train/lr_text": [(7, pytest.approx(0.05))], "train/samples_per_s": [(7, 100.0)],
+                      "queue/fill": [(7, 0.5)]}
+    assert log.lines.sums == {"loss": 1.75, "dcl": 0.25, "pgc": 1.5}

@@ -1,5 +1,5 @@
-"""The code's shape as the README's Layout promises it: small functions and classes, the step's banks owned
-by coder/step.py alone, and a library that leaves the user's process environment as it found it."""
+"""The code's shape as the Layout (README, docs/layout.md) promises it: small functions and classes, the step's
+banks owned by coder/step.py alone, and a library that leaves the user's process environment as it found it."""
 import ast
 import os
 import subprocess
@@ -43,3 +43,58 @@ def test_the_core_does_not_import_the_demo_package():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "demo" not in (node.module or "").split("."), f"{path} imports {node.module}"
+
+
+def package_imports() -> dict[str, list[tuple[str, bool]]]:
+    """module -> [(imported coder module, inside a function)] for every module of the package, as written."""
+    modules = {".".join(p.relative_to(CODER.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in CODER.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree, edges = ast.parse(path.read_text()), []
+        inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            edges += [(t, id(node) in inner) for t in targets if t in modules and t != name]
+        graph[name] = edges
+    return graph
+
+
+def test_the_package_imports_form_no_circle():
+    """Every import of coder/ (inside functions too) runs down the layers: no module reaches itself again."""
+    graph = {name: {t for t, _ in edges} for name, edges in package_imports().items()}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, "import circle: " + " -> ".join(trail + [nxt])
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_at_most_three_package_imports_inside_functions():
+    inner = [(name, t) for name, edges in package_imports().items() for t, inside in edges if inside]
+    assert len(inner) <= 3, inner
+
+
+def test_every_error_class_lives_in_coder_errors():
+    for path in sorted(CODER.rglob("*.py")):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                assert not node.name.endswith("Error"), f"{path.relative_to(CODER)} defines {node.name}"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from coder.config import load_config
-from coder.losses.objective import Bank, Objective, build_objective
+from coder.losses import Bank
+from coder.step import Objective, build_objective
 
 MU, GAMMA, EPS = 0.1, 0.3, 0.1
 B, Q, F, K = 6, 10, 8, 5
@@ -115,18 +116,21 @@ def test_without_labels_pgc_is_absent_and_without_banks_memory_is_absent():
     assert float(total) == pytest.approx(3 * float(terms["instance"]) + float(terms["concept"]), rel=1e-12)
 
 
-def test_triplet_warm_up_then_hardest_negatives():
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_triplet_warm_up_then_hardest_negatives(warmup):
+    """All negatives for loss.warmup_epochs epochs (3: not the default 1), the hardest from then on."""
     out, _, batch, _ = inputs(2)
-    obj = objective("loss.instance=triplet", "loss.instance_weight=1.0", "loss.margin=0.2", "loss.warmup_epochs=1",
-                    "model.concept.enabled=false", "model.momentum.enabled=false")
+    obj = objective("loss.instance=triplet", "loss.instance_weight=1.0", "loss.margin=0.2",
+                    f"loss.warmup_epochs={warmup}", "model.concept.enabled=false", "model.momentum.enabled=false")
     S = (out["v_i"] @ out["w_i"].t()).tolist()
     hinge = lambda x: max(0.0, x)  # noqa: E731
     warm = sum(hinge(0.2 + S[n][q] - S[n][n]) + hinge(0.2 + S[q][n] - S[n][n])
                for n in range(B) for q in range(B) if q != n)
     hard = sum(max(hinge(0.2 + S[n][q] - S[n][n]) for q in range(B) if q != n) +
                max(hinge(0.2 + S[q][n] - S[n][n]) for q in range(B) if q != n) for n in range(B))
-    assert float(obj(out, batch, epoch=0)[0]) == pytest.approx(warm, rel=1e-10)
-    assert float(obj(out, batch, epoch=1)[0]) == pytest.approx(hard, rel=1e-10)
+    for epoch in range(warmup + 2):
+        expected = warm if epoch < warmup else hard
+        assert float(obj(out, batch, epoch=epoch)[0]) == pytest.approx(expected, rel=1e-10), epoch
 
 
 def test_pgc_labels_are_looked_up_by_dataset_index_in_a_real_step(tiny_coder_data, tiny_bert_dir, tmp_path,

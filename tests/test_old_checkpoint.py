@@ -12,8 +12,8 @@ OVERRIDES = [f"data.root={FIXTURE / 'data'}", f"model.text_encoder={FIXTURE / 't
 
 
 def test_old_checkpoint_encodes_to_its_recorded_embeddings():
-    from coder.cli import load_for_eval
     from coder.evaluation import encode_for_split
+    from coder.evaluation.loading import load_for_eval
 
     loaded = load_for_eval(str(FIXTURE / "model_best.pth"), OVERRIDES, torch.device("cpu"))
     emb = encode_for_split(loaded.model, loaded.cfg, loaded.tokenizer, "test", torch.device("cpu"), progress=False)

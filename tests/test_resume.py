@@ -1,5 +1,5 @@
-"""Resume anywhere (README: Resume): SIGKILL during a checkpoint write, in the middle of a training step and during
-validation; `--resume auto` then ends with exactly the metrics and weights of an uninterrupted run.
+"""Resume anywhere (docs/training.md: Resume): SIGKILL during a checkpoint write, in the middle of a training
+step and during validation; `--resume auto` then ends with exactly the metrics and weights of an uninterrupted run.
 
 Kills land at chosen moments through a small wrapper around `train.main` that, at the moment named by
 the env var KILL_AT, writes a marker file and sleeps; the test then SIGKILLs the process. Nothing in
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, {repo!r})
 import coder.engine as engine  # noqa: E402
-from coder.losses.objective import Objective  # noqa: E402
+from coder.step import Objective  # noqa: E402
 import train  # noqa: E402
 
 KILL_AT, MARKER = os.environ["KILL_AT"], Path(os.environ["KILL_MARKER"])

@@ -75,13 +75,17 @@ def test_epoch_seconds_stay_inside_one_process(tmp_path):
     assert seconds == [40.0, 40.0]  # not the 1,000 s restart between the two files
 
 
-def test_readme_block_replaced_and_missing_folder_is_an_error(tmp_path, capsys):
+def test_docs_block_replaced_and_missing_folder_is_an_error(tmp_path, capsys):
     groups = fake_runs(tmp_path / "runs")
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- study:curve:start -->\nold\n<!-- study:curve:end -->\nrest\n")
+    page = tmp_path / "studies.md"
+    page.write_text("intro\n<!-- study:curve:start -->\nold\n<!-- study:curve:end -->\nrest\n")
     args = [f"{g}={f}" for g, f in groups.items()]
-    assert seed_curve.main(args + ["--readme", str(readme), "--block", "curve"]) == 0
-    text = readme.read_text()
+    assert seed_curve.main(args + ["--docs", str(page), "--block", "curve"]) == 0
+    text = page.read_text()
     assert "old" not in text and seed_curve.table(groups) in text and text.endswith("rest\n")
+    readme = tmp_path / "README.md"  # study tables live in docs/, never in a README
+    readme.write_text("<!-- study:curve:start -->\nold\n<!-- study:curve:end -->\n")
+    assert seed_curve.main(args + ["--readme", str(readme), "--block", "curve"]) == 2
+    assert "not into a README" in capsys.readouterr().err and "old" in readme.read_text()
     assert seed_curve.main(["a=" + str(tmp_path / "nowhere")]) == 2
     assert "no run folder" in capsys.readouterr().err

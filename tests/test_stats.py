@@ -44,7 +44,7 @@ def test_t_cdf_is_a_distribution_function():
 
 
 def test_paired_interval_against_a_direct_computation():
-    """The README's per-seed CODER - triplet differences, by hand: mean, sd / sqrt(3), t_{0.975, 2}."""
+    """docs/studies.md's per-seed CODER - triplet differences, by hand: mean, sd / sqrt(3), t_{0.975, 2}."""
     a, b = [430.0, 428.6, 417.3], [441.9, 430.0, 462.1]
     diffs = [x - y for x, y in zip(a, b)]
     mean = sum(diffs) / 3

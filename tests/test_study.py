@@ -29,11 +29,11 @@ def write_study(path: Path, data_root: Path, bert: str) -> Path:
 
 def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp_path, capsys):
     spec = write_study(tmp_path / "tiny_study.yaml", tiny_coder_data, tiny_bert_dir)
-    readme = tmp_path / "README.md"
+    page = tmp_path / "studies.md"
     start, end = study.markers("tiny_study")
-    readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
+    page.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     out = tmp_path / "runs"
-    assert study.main([str(spec), "--out", str(out), "--readme", str(readme), "--log", str(tmp_path / "log")]) == 0
+    assert study.main([str(spec), "--out", str(out), "--docs", str(page), "--log", str(tmp_path / "log")]) == 0
     results = {name: [json.loads((out / name / f"seed{s}" / "eval_test.json").read_text()) for s in (0, 1)]
                for name in ("triplet", "dcl")}
     for name, runs in results.items():
@@ -45,7 +45,7 @@ def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp
     expected = f"{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}"
     line = next(row for row in table.splitlines() if row.startswith("| triplet baseline |"))
     assert f"| {expected} |" in line and line.split("|")[2].strip() == "2"
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text and "triplet baseline" in text
 
     # a second invocation trains nothing: finished runs are kept as they are
@@ -100,20 +100,22 @@ def test_shipped_study_files_resolve(path):
     study.check_configs(study.load_study(path), path)
 
 
-def test_a_mistyped_override_stops_the_study_before_any_run(tmp_path, capsys):
+@pytest.mark.parametrize("typo,key", [("train.grad_clip_scop=all", "train.grad_clip_scop"),
+                                      ("loss.instance=hinge", "loss.instance")])  # a name a registry owns
+def test_a_mistyped_override_stops_the_study_before_any_run(tmp_path, capsys, typo, key):
     bad = tmp_path / "typo.yaml"
     bad.write_text(json.dumps({"runs": [
         # were it started, this entry would fail at once (no data there) rather than train for minutes
         {"name": "fine", "config": "configs/demo.yaml", "set": [f"data.root={tmp_path / 'none'}", "data.prepare="]},
-        {"name": "typo", "config": "configs/demo.yaml", "set": ["train.grad_clip_scop=all"]}]}))
+        {"name": "typo", "config": "configs/demo.yaml", "set": [typo]}]}))
     assert study.main([str(bad), "--out", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert "runs[1] ('typo')" in err and "train.grad_clip_scop" in err
+    assert "runs[1] ('typo')" in err and key in err
     assert not (tmp_path / "runs").exists()  # the valid entry before it did not start either
 
 
 def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path):
-    """The paired column is fused minus instance-only inside each run; two studies fill one README without
+    """The paired column is fused minus instance-only inside each run; two studies fill one page without
     touching each other's block."""
     def result(rsum, instance):
         recalls = {"r1": 1.0}
@@ -129,14 +131,14 @@ def test_table_pairs_fused_with_instance_and_each_study_owns_its_block(tmp_path)
     spec.write_text(json.dumps({"seeds": [0, 1], "runs": [{"name": "full", "config": "configs/demo.yaml"}]}))
     other_start, other_end = study.markers("other")
     start, end = study.markers("paired")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{other_start}\nkeep\n{other_end}\n{start}\nold\n{end}\n")
-    assert study.main([str(spec), "--out", str(out), "--readme", str(readme), "--table-only"]) == 0
-    header, _, row = readme.read_text().split(start)[1].split(end)[0].strip().splitlines()
+    page = tmp_path / "studies.md"
+    page.write_text(f"{other_start}\nkeep\n{other_end}\n{start}\nold\n{end}\n")
+    assert study.main([str(spec), "--out", str(out), "--docs", str(page), "--table-only"]) == 0
+    header, _, row = page.read_text().split(start)[1].split(end)[0].strip().splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     differences = [-1.0, 3.0]
     assert cells["fused − instance"] == f"{statistics.mean(differences):.1f} ± {statistics.stdev(differences):.1f}"
-    assert f"{other_start}\nkeep\n{other_end}" in readme.read_text()
+    assert f"{other_start}\nkeep\n{other_end}" in page.read_text()
 
 
 def test_paired_columns_against_the_reference_entry(tmp_path):
@@ -182,7 +184,7 @@ def test_paired_columns_against_the_reference_entry(tmp_path):
         study.load_study(spec)
 
 
-def test_readme_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
+def test_docs_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
     """--table-only with runs missing on disk refuses to erase the published block; --force replaces it."""
     out = tmp_path / "runs"
     for seed in (0, 1):
@@ -193,17 +195,17 @@ def test_readme_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
     spec = tmp_path / "guarded.yaml"
     spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [{"name": "full", "config": "configs/demo.yaml"}]}))
     start, end = study.markers("guarded")
-    readme = tmp_path / "README.md"
+    page = tmp_path / "studies.md"
     published = ("| run | seeds | dev R@sum |\n|---|---:|---:|\n| full | 3 | 401.0 ± 1.0 |\n"
                  "| other | 2 | 400.0 ± 0.0 |")
-    readme.write_text(f"{start}\n{published}\n{end}\n")
-    argv = [str(spec), "--out", str(out), "--readme", str(readme), "--table-only"]
+    page.write_text(f"{start}\n{published}\n{end}\n")
+    argv = [str(spec), "--out", str(out), "--docs", str(page), "--table-only"]
     assert study.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds 5 finished runs but only 2 were found" in err, err
-    assert published in readme.read_text()  # untouched
+    assert published in page.read_text()  # untouched
     assert study.main(argv + ["--force"]) == 0
-    assert "| full | 2 |" in readme.read_text() and published not in readme.read_text()
+    assert "| full | 2 |" in page.read_text() and published not in page.read_text()
     assert study.main(argv) == 0  # as many runs as the block now holds: replaced again
 
 
@@ -254,3 +256,51 @@ def test_a_shared_run_made_with_other_settings_is_not_reused(tmp_path, capsys):
     spec.write_text(json.dumps({"runs": [{**made, "set": ["loss.mu=0.2"]}]}))
     assert study.main([str(spec), "--out", str(tmp_path / "runs")]) == 2
     assert "entry 'row' asks for" in capsys.readouterr().err
+
+
+def test_an_entry_with_fewer_luckier_seeds_is_not_chosen_on_dev(tmp_path):
+    """'chosen on dev' compares the entries over the seeds every one of them finished: 'many' beats 'few' on
+    seeds 0-1 (410 against 405); over its own seeds 'many' averages 403.3 for its unlucky seed 2, which 'few'
+    never ran, and would lose."""
+    runs = {"many": [410.0, 410.0, 390.0], "few": [405.0, 405.0]}
+    out = tmp_path / "runs"
+    for name, devs in runs.items():
+        for seed, dev in enumerate(devs):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps(
+                {"rsum": 500.0, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
+        {"name": name, "group": "g", "config": "configs/demo.yaml"} for name in runs]}))
+    lines = study.table(study.load_study(spec), out, [0, 1, 2]).splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    rows = {line.split("|")[1].strip(): dict(zip(header, [c.strip() for c in line.split("|")])) for line in lines[2:]}
+    assert [name for name, row in rows.items() if row["choice"] == "chosen on dev"] == ["many"]
+    assert rows["few"]["seeds"] == "2" and rows["many"]["seeds"] == "3"
+    assert rows["few"]["Δ dev R@sum vs group's first [95% CI]"] == "-5.0 [-5.0, -5.0]"  # paired on seeds 0-1
+
+
+def test_study_tables_go_into_docs_never_into_a_readme(tmp_path, capsys):
+    """--docs alone names docs/studies.md; a README (also by the former flag --readme) is refused, and a page
+    without the study's block is refused before anything trains or is checked (the entry's unknown key would be
+    the error otherwise, so a check moved after training fails here in seconds)."""
+    spec = tmp_path / "nosuch_study.yaml"
+    spec.write_text(json.dumps({"seeds": [0], "runs": [{"name": "full", "config": "configs/demo.yaml",
+                                                        "set": ["train.no_such_key=1"]}]}))
+    out = tmp_path / "runs"
+    before = study.DOCS.read_text()
+    assert study.DOCS == Path(study.__file__).resolve().parents[1] / "docs" / "studies.md"
+    assert study.main([str(spec), "--out", str(out), "--docs"]) == 2
+    err = capsys.readouterr().err
+    assert f"{study.DOCS} has no '<!-- study:nosuch_study:start -->'" in err, err
+    assert not out.exists() and study.DOCS.read_text() == before  # nothing trained, nothing written
+
+    start, end = study.markers("nosuch_study")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{start}\nold\n{end}\n")
+    for flag in ("--docs", "--readme"):
+        assert study.main([str(spec), "--out", str(out), flag, str(readme)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "written into docs/studies.md, not into a README" in err, err
+        assert not out.exists() and readme.read_text() == f"{start}\nold\n{end}\n"

@@ -4,10 +4,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from coder.config import load_config
 from coder.demo import generate_demo_data
-from coder.engine import Trainer
+from coder.engine import Trainer, build_optimizer, lr_at
 from coder.evaluation import chance_rsum, encode_split, evaluate_split, split_datasets
 
 
@@ -36,6 +37,75 @@ CODER_INSTANCE = ["loss.instance=dcl", "loss.instance_weight=3.0", "loss.memory_
 USER = ["loss.instance=uto", "loss.instance_weight=20.0", "loss.memory_weight=1.0",
         "model.momentum.enabled=true", "model.momentum.m=0.999", "model.momentum.queue_size=200",
         "model.user.sge=true", "model.user.cge=true", "data.clip_features=true", "data.region_dropout=0.0"]
+
+
+def test_learning_rate_steps_down_from_each_listed_epoch_on():
+    """§4.2: 0.0002 for the first 15 epochs (0-14) and 0.00002 for the next 15 (15-29); each further listed
+    epoch multiplies by lr_decay again, from that epoch on."""
+    train = load_config("configs/f30k_coder.yaml")["train"]
+    assert [lr_at(train, e) for e in (0, 14, 15, 29)] == pytest.approx([2e-4, 2e-4, 2e-5, 2e-5], rel=1e-12)
+    train = {**train, "lr": 1.0, "lr_decay": 0.5, "lr_decay_epochs": [1, 3]}
+    assert [lr_at(train, e) for e in range(5)] == [1.0, 0.5, 0.5, 0.25, 0.25]
+    assert lr_at({**train, "lr_decay_epochs": []}, 29) == 1.0
+
+
+@pytest.mark.parametrize("config, optimizer", [("configs/f30k_coder.yaml", torch.optim.Adam),
+                                               ("configs/baselines/f30k_vse.yaml", torch.optim.AdamW),
+                                               ("configs/f30k_user.yaml", torch.optim.AdamW)])
+def test_the_optimizer_and_its_weight_decay_come_from_the_config(config, optimizer):
+    """CODER trains with Adam (§4.2); the VSE-infinity baseline and USER with AdamW, as their code does: the
+    class and the config's weight decay reach the optimizer. Frozen parameters are left out; the text backbone
+    is a group of its own."""
+    train = load_config(config)["train"]
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[0].bias.requires_grad_(False)
+    built = build_optimizer(net, train, net[1])
+    assert type(built) is optimizer
+    assert [g["weight_decay"] for g in built.param_groups] == [train["weight_decay"]] * 2
+    assert [g["lr_mult"] for g in built.param_groups] == [1.0, train["text_lr_mult"]]
+    assert [[id(p) for p in g["params"]] for g in built.param_groups] == \
+        [[id(net[0].weight)], [id(net[1].weight), id(net[1].bias)]]
+
+
+def test_the_schedule_reaches_the_optimizer_and_dev_is_evaluated_every_eval_every_epochs(
+        tiny_coder_data, tiny_bert_dir, tmp_path, monkeypatch):
+    """Over 3 epochs of one step: each step runs at lr_at(epoch), the BERT parameters (all of them, and only
+    they) at text_lr_mult x that (VSE-infinity's recipe); dev is evaluated every eval_every epochs and after
+    the last one."""
+    import coder.engine
+
+    root = tiny_coder_data
+    cfg = load_config("configs/demo.yaml", [
+        f"data.root={root}", f"model.text_encoder={tiny_bert_dir}", "model.text_layers=2", "model.region_dim=16",
+        "model.embed_dim=16", f"model.concept.vocab={root / 'concepts.npz'}", "model.momentum.queue_size=16",
+        "cluster.k=7", "cluster.iters=2", "train.batch_size=8", "train.max_steps_per_epoch=1", "train.epochs=3",
+        "train.device=cpu", "eval.batch_size=20", "train.lr=1e-3", "train.lr_decay=0.5",
+        "train.lr_decay_epochs=[1, 2]", "train.text_lr_mult=0.1", "train.eval_every=2"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    bert = {id(p) for p in trainer.model.text_encoder.backbone.parameters()}
+    steps, validated = [], []
+    step, validate = coder.engine.optimizer_step, Trainer.validate
+
+    def step_spy(loss, optimizer, *args):
+        rates = {}
+        for group in optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            rates["bert" if ids == bert else "rest" if ids and not ids & bert else "mixed"] = group["lr"]
+        assert set(rates) == {"bert", "rest"}, rates
+        steps.append(rates)
+        return step(loss, optimizer, *args)
+
+    def validate_spy(self, epoch):
+        validated.append(epoch)
+        return validate(self, epoch)
+
+    monkeypatch.setattr(coder.engine, "optimizer_step", step_spy)
+    monkeypatch.setattr(Trainer, "validate", validate_spy)
+    trainer.fit()
+    expected = [1e-3, 5e-4, 2.5e-4]
+    assert [s["rest"] for s in steps] == pytest.approx(expected, rel=1e-12)
+    assert [s["bert"] for s in steps] == pytest.approx([0.1 * lr for lr in expected], rel=1e-12)
+    assert validated == [1, 2]
 
 
 # USER learns more slowly on this 4-epoch toy since it follows USER's code (one positive per pair in the

@@ -190,10 +190,11 @@ def test_cge_rejects_bad_clip_shape():
 
 
 def test_the_objectives_uto_terms_are_the_oracle_checked_uto():
-    """Training runs UTO as two Eq. 8 terms (coder/losses/terms.py); weighted lambda (batch) and 1 (queue) they
+    """Training runs UTO as two Eq. 8 terms (coder/step.py); weighted lambda (batch) and 1 (queue) they
     equal `uto`, which the float64 loops above check."""
     from coder.config import load_config
-    from coder.losses.objective import Bank, build_objective
+    from coder.losses import Bank
+    from coder.step import build_objective
 
     g = torch.Generator().manual_seed(5)
     v, w, v_key, w_key = (torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)

@@ -14,11 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .text import tokenize_caption
-from ..errors import CoderError
-
-
-class DataError(CoderError, ValueError):
-    """A data file is missing or malformed; the message names the file and the row/line/shape at fault."""
+from ..errors import DataError
 
 
 def _expected_tree(root: Path, split: str) -> str:
@@ -116,6 +112,9 @@ class PrecompSplit:
 
         self._features: np.ndarray | None = _open_npy(self.ims_path, rank=3)
         self.num_rows, self.num_regions, self.region_dim = self._features.shape
+        if self.num_regions == 0 or self.region_dim == 0:  # region dropout would draw from an empty range
+            raise DataError(f"{self.ims_path}: shape {self._features.shape} holds no region features (expected "
+                            f"rows x regions x dim with regions and dim >= 1)")
         captions = self._read_captions()
         if self.num_rows == 0 or (len(captions) != self.num_rows and len(captions) % self.num_rows):
             raise DataError(f"{len(captions)} captions in {self.caps_path} are neither equal to nor a "

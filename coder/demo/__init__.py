@@ -17,7 +17,10 @@ __all__ = ["prepare", "ensure_demo_data", "generate_demo_data", "demo_is_current
 def prepare(cfg: dict) -> None:
     """Write the demo data (and, for the concept branch, its vocabulary) into `data.root` unless current."""
     root = cfg["data"]["root"]
-    ensure_demo_data(root, region_dim=cfg["model"]["region_dim"])
+    world = cfg["data"]["demo"]
+    ensure_demo_data(root, region_dim=cfg["model"]["region_dim"], seed=world["seed"],
+                     train_images=world["train_images"], dev_images=world["dev_images"],
+                     test_images=world["test_images"], noise_std=world["noise_std"])
     if cfg["model"]["concept"]["enabled"]:
         ensure_demo_concepts(root, concept_vocab_path(cfg))
     glove = cfg["model"]["bigru"]["glove"]

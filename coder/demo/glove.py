@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..concepts import ConceptError, build_concepts, read_captions, tokenize
-from ..errors import MissingFileError
+from ..errors import ConceptError, MissingFileError
+from ..tools.vocabulary import build_concepts, read_captions, tokenize
 
 
 def export_demo_glove(captions_path: str | Path, output_path: str | Path,

@@ -429,13 +429,14 @@ def _region_weights(rng: np.random.Generator, scenes: list[Scene]) -> np.ndarray
     return np.take_along_axis(weights, order[:, :, None], axis=1)
 
 
-def region_features(rng: np.random.Generator, scenes: list[Scene], prototypes: np.ndarray) -> np.ndarray:
-    """(n, 36, region_dim) float32: prototype mixtures plus Gaussian noise."""
+def region_features(rng: np.random.Generator, scenes: list[Scene], prototypes: np.ndarray,
+                    noise_std: float = NOISE_STD) -> np.ndarray:
+    """(n, 36, region_dim) float32: prototype mixtures plus Gaussian noise (norm about noise_std per region)."""
     n, dim = len(scenes), prototypes.shape[1]
     weights = _region_weights(rng, scenes).reshape(n * REGIONS_PER_IMAGE, -1)
     feats = (weights @ prototypes).reshape(n, REGIONS_PER_IMAGE, dim)  # one 2-D GEMM: fast BLAS path
     noise = rng.standard_normal(feats.shape, dtype=np.float32)
-    feats += noise * np.float32(NOISE_STD / np.sqrt(dim))
+    feats += noise * np.float32(noise_std / np.sqrt(dim))
     return feats
 
 
@@ -473,8 +474,11 @@ def split_captions(rng: np.random.Generator, scenes: list[Scene], split: str) ->
 # ---- writing ----------------------------------------------------------------------------------------
 
 def _params(seed: int = 0, train_images: int = 1000, dev_images: int = 1000, test_images: int = 1000,
-            region_dim: int = 256) -> dict[str, int]:
-    """Validated generator parameters (the MANIFEST's content besides the version)."""
+            region_dim: int = 256, noise_std: float = NOISE_STD) -> dict:
+    """Validated generator parameters (the MANIFEST's content besides the version); `noise_std` is written only
+    when it is not the default, so the demo folders written before it existed stay current."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not 0 <= noise_std < 1e6:
+        raise ValueError(f"demo data parameter 'noise_std' must be a number in [0, 1e6), got {noise_std!r}")
     params = dict(seed=seed, train_images=train_images, dev_images=dev_images, test_images=test_images,
                   region_dim=region_dim)
     for key, value in params.items():
@@ -485,7 +489,8 @@ def _params(seed: int = 0, train_images: int = 1000, dev_images: int = 1000, tes
                              f"got {value}")
         if key.endswith("_images") and value >= 10**7:
             raise ValueError(f"demo data parameter {key!r} must be < 10,000,000 (image ids), got {value}")
-    return {k: int(v) for k, v in params.items()}
+    params = {k: int(v) for k, v in params.items()}
+    return params if float(noise_std) == NOISE_STD else {**params, "noise_std": float(noise_std)}
 
 
 def _manifest(params: dict[str, int]) -> dict:
@@ -495,7 +500,8 @@ def _manifest(params: dict[str, int]) -> dict:
 def generate_demo_data(out: str | os.PathLike, **params: int) -> Path:
     """Write the demo data set into `out` (created if needed) and return it; see the module docstring.
 
-    Keyword parameters: seed=0, train_images=1000, dev_images=1000, test_images=1000, region_dim=256.
+    Keyword parameters: seed=0, train_images=1000, dev_images=1000, test_images=1000, region_dim=256,
+    noise_std=1.5 (the regions' Gaussian noise: the world's difficulty).
     Dev is as large as test so that choices made on it (checkpoint, the fusion weight beta) are not decided
     by the noise of a few dozen queries.
     """
@@ -510,7 +516,8 @@ def generate_demo_data(out: str | os.PathLike, **params: int) -> Path:
         caption_rng, feature_rng, clip_rng = (np.random.default_rng([seed, split_index, k]) for k in (1, 2, 3))
         scenes = sample_scenes(seed, split, n)
         captions = split_captions(caption_rng, scenes, split)
-        np.save(out / f"{split}_ims.npy", region_features(feature_rng, scenes, prototypes))
+        np.save(out / f"{split}_ims.npy", region_features(feature_rng, scenes, prototypes,
+                                                          params.get("noise_std", NOISE_STD)))
         np.save(out / f"{split}_clip.npy", clip_features(clip_rng, scenes, seed))
         (out / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
         ids = (split_index + 1) * 10**7 + np.arange(n)

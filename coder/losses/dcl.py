@@ -98,7 +98,7 @@ def dcl(
     mu * [log(1 + sum_neg exp((S_nq - gamma) / (mu * div_n))) - log(1 + S_pos)]:
     Eq. 4 (DCL-I) when `div` is None, Eq. 5 (DCL) otherwise, Eq. 6 (M-DCL) with `pos_sims`.
     With positive="unscaled" the outer mu multiplies the negative term only:
-    mu * log(1 + sum_neg exp(...)) - log(1 + S_pos) (the form of USER's public code; see README).
+    mu * log(1 + sum_neg exp(...)) - log(1 + S_pos) (the form of USER's public code; see docs/departures.md).
 
     Args:
         sims: (N, Q) similarities, rows are anchors. Without `pos_sims` it must be square: the

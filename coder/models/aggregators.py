@@ -57,9 +57,15 @@ class GPO(nn.Module):
 
     def packed_gru(self, pe: Tensor, distinct: Tensor) -> Tensor:
         """The GRU over each encoding's first `distinct` positions (CPU lengths, as packing requires), padded
-        back to pe's length."""
-        packed = pack_padded_sequence(pe, distinct, batch_first=True, enforce_sorted=False)
-        return pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=pe.size(1))[0]
+        back to pe's length.
+
+        `distinct` is sorted ascending on the CPU (`Lengths`), so the packing order is known without a sort:
+        packed longest first (enforce_sorted) and flipped back on the device. Unsorted packing would move its
+        sort permutation to the device and read the inverse back (torch/nn/utils/rnn.py): two host syncs per
+        call on CUDA. The rows of `pe` are one encoding repeated, so reversing them changes nothing."""
+        packed = pack_padded_sequence(pe, distinct.flip(0), batch_first=True, enforce_sorted=True)
+        out = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=pe.size(1))[0]
+        return out.flip(0)
 
     def forward(self, features: Tensor, lengths: Tensor | Lengths) -> Tensor:
         lengths = as_lengths(lengths, features, features.size(1))

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..errors import VocabularyError
 from ..lengths import Lengths, as_lengths
 from ..vocab import WordVocabulary, glove_matrix
+from .text import load_text_backbone
 
 MERGES = ("mean", "concat")  # model.bigru.merge: VSE-infinity averages the two directions
 
@@ -98,8 +99,6 @@ def load_text(cfg: dict, state_dict: dict | None = None, log=print):
     checkpoint's (its weights come with load_state_dict); otherwise it is built from the training captions."""
     model = cfg["model"]
     if model["text_backbone"] == "bert":
-        from .text import load_text_backbone
-
         return load_text_backbone(model["text_encoder"], model["text_layers"])
     if state_dict is not None:
         vocab = checkpoint_vocabulary(state_dict)

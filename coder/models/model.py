@@ -1,9 +1,9 @@
-"""The retrieval model (CODER Fig. 2): encoders, optional concept branch, optional momentum key encoders
-with coupled memory banks. It knows nothing about losses or training; it maps inputs to embeddings (the
-training step, coder/step.py, drives the momentum encoders and the banks).
+"""The retrieval model (CODER Fig. 2): image and text encoders and the optional concept branch. It maps inputs
+to embeddings and knows nothing of losses or training (the momentum key encoders and the banks belong to the
+training step, coder/step.py).
 
 Embedding names follow the paper: v_i / w_i are the instance-level v^I / w^I, v_c / w_c the concept-level
-v^C / w^C; v_key / w_key are the momentum encoders' keys that fill the banks B_v / B_w.
+v^C / w^C.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from ..concepts import load_concepts
-from ..config import ConfigError, concept_vocab_path
+from ..config import check_choice, concept_vocab_path
+from ..errors import ConfigError
+from .aggregators import AGGREGATORS
 from .bigru import BiGRUBackbone
-from .concept import ConceptGCN, ConceptQuery, normalized_adjacency
+from .concept import CONCEPT_ENCODERS, CONCEPT_SCORES, ConceptGCN, ConceptQuery, normalized_adjacency
 from .heads import ImageHead, TextHead
-from .momentum import MomentumContrast
 from .text import TextBackbone
 from .user import ClipGuidedEnhancement, SelfGuidedEnhancement
 
@@ -97,11 +98,9 @@ class ConceptBranch(nn.Module):
 
 
 class ITRModel(nn.Module):
-    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, concept: ConceptBranch | None = None,
-                 momentum: MomentumContrast | None = None):
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, concept: ConceptBranch | None = None):
         super().__init__()
-        self.image_encoder, self.text_encoder, self.concept, self.momentum = \
-            image_encoder, text_encoder, concept, momentum
+        self.image_encoder, self.text_encoder, self.concept = image_encoder, text_encoder, concept
 
     def encode_image(self, regions: Tensor, lengths: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
         out = {"v_i": self.image_encoder(regions, lengths, clip)}
@@ -118,7 +117,7 @@ class ITRModel(nn.Module):
 
     def forward(self, regions: Tensor, region_lengths: Tensor, input_ids: Tensor, text_lengths: Tensor,
                 clip: Tensor | None = None) -> dict[str, Tensor]:
-        """Training forward: the query embeddings of both modalities (the momentum keys are the step's)."""
+        """Training forward: the query embeddings of both modalities."""
         w_i, states = self.text_encoder(input_ids, text_lengths)
         out = {"v_i": self.image_encoder(regions, region_lengths, clip), "w_i": w_i}
         if self.concept is not None:
@@ -135,7 +134,8 @@ def build_image_encoder(cfg: dict) -> ImageEncoder:
     sge = SelfGuidedEnhancement(region_dim, cfg["num_regions"], user["dropout"], user["lambda_att"]) \
         if user["sge"] else None
     cge = ClipGuidedEnhancement(user["clip_dim"], dim, region_dim, user["lambda_att"]) if user["cge"] else None
-    return ImageEncoder(ImageHead(region_dim, dim, cfg["aggregator"]), sge, cge)
+    return ImageEncoder(ImageHead(region_dim, dim, cfg["aggregator"], cfg["image_fc_init"], cfg["mlp_bn_padding"]),
+                        sge, cge)
 
 
 def build_text_encoder(cfg: dict, bert: nn.Module) -> TextEncoder:
@@ -163,18 +163,23 @@ def build_concept_branch(cfg: dict, text_hidden: int, vocab: dict[str, np.ndarra
     return ConceptBranch(gcn, image_query, text_query, ccfg["query_source"], ccfg["detach_query"], **heads)
 
 
+def check_model_names(cfg: dict) -> None:
+    """The names of a `model` config that registries own (the schema leaves them to the builders)."""
+    check_choice("model.aggregator", cfg["aggregator"], AGGREGATORS)
+    check_choice("model.concept.encoder", cfg["concept"]["encoder"], CONCEPT_ENCODERS)
+    check_choice("model.concept.score", cfg["concept"]["score"], CONCEPT_SCORES)
+
+
 def build_itr_model(cfg: dict, bert: nn.Module, concept_vocab: dict[str, np.ndarray] | None = None) -> ITRModel:
     """The model of a `model` config with a loaded BERT (and the concept vocabulary, with the concept branch)."""
+    check_model_names(cfg)
     image_encoder, text_encoder = build_image_encoder(cfg), build_text_encoder(cfg, bert)
-    concept = momentum = None
+    concept = None
     if cfg["concept"]["enabled"]:
         if concept_vocab is None:
             raise ConfigError("model.concept.enabled needs the concept vocabulary (model.concept.vocab)")
         concept = build_concept_branch(cfg, text_encoder.backbone.hidden_dim, concept_vocab)
-    if cfg["momentum"]["enabled"]:
-        momentum = MomentumContrast(image_encoder, text_encoder, cfg["embed_dim"], cfg["momentum"]["queue_size"],
-                                    cfg["momentum"]["m"])
-    return ITRModel(image_encoder, text_encoder, concept, momentum)
+    return ITRModel(image_encoder, text_encoder, concept)
 
 
 def build_model(cfg: dict, bert: nn.Module, state_dict: dict | None = None) -> ITRModel:

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_gather_rows
+from ..distributed import all_gather_equal_rows
 
 __all__ = ["momentum_update", "make_key_encoder", "FeatureQueue", "MomentumContrast"]
 
@@ -40,8 +40,8 @@ def momentum_update(key: nn.Module, query: nn.Module, m: float) -> None:
     key_buffers, query_buffers = _paired(key.named_buffers(), query.named_buffers(), "buffer")
     if key_params:
         torch._foreach_lerp_(key_params, query_params, 1.0 - m)  # k + (1-m)(q - k), MoCo's update
-    for k, q in zip(key_buffers, query_buffers):
-        k.copy_(q)
+    if key_buffers:
+        torch._foreach_copy_(key_buffers, query_buffers)  # one op for every buffer, not one per buffer
 
 
 def _paired(key_named, query_named, kind: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -100,7 +100,8 @@ class FeatureQueue(nn.Module):
         """Write a batch of keys (B, dim) and their image ids (B,) over the oldest entries.
 
         Under DDP (initialised, world size > 1) keys and ids of all ranks are gathered first, in
-        rank order, so every rank holds the same queue. Batches that do not divide the size wrap
+        rank order, so every rank holds the same queue; every rank enqueues as many rows (a training
+        batch: the loader drops the uneven last one). Batches that do not divide the size wrap
         around; a batch larger than the queue keeps its newest `size` keys.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
@@ -111,7 +112,8 @@ class FeatureQueue(nn.Module):
             )
         keys = keys.detach().to(self.features)
         ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
-        keys, ids = all_gather_rows(keys, ids)  # every rank's keys in rank order (a no-op in one process)
+        # every rank's keys in rank order (a no-op in one process); every rank's batch has B rows (drop_last)
+        keys, ids = all_gather_equal_rows(keys, ids)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
         start = self._ptr
@@ -139,13 +141,15 @@ class MomentumContrast(nn.Module):
         self.queue_w = FeatureQueue(queue_size, dim)  # B_w: text keys
 
     @torch.no_grad()
-    def keys(self, image_encoder, text_encoder, regions, region_lengths, input_ids, text_lengths, clip=None):
-        """Update the key encoders (theta_k = m theta_k + (1 - m) theta_q), then encode the same batch."""
+    def update(self, image_encoder: nn.Module, text_encoder: nn.Module) -> None:
+        """theta_k = m theta_k + (1 - m) theta_q for both key encoders (§3.2; MoCo)."""
         momentum_update(self.key_image_encoder, image_encoder, self.m)
         momentum_update(self.key_text_encoder, text_encoder, self.m)
-        v_key = self.key_image_encoder(regions, region_lengths, clip)
-        w_key = self.key_text_encoder(input_ids, text_lengths)[0]
-        return v_key, w_key
+
+    @torch.no_grad()
+    def encode(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> tuple[Tensor, Tensor]:
+        """The keys (v_key, w_key) of a batch from the key encoders."""
+        return self.key_image_encoder(regions, region_lengths, clip), self.key_text_encoder(input_ids, text_lengths)[0]
 
     def snapshot(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Copies of the banks for the loss: B_v, B_w and the image id of each entry. A copy (MoCo's
@@ -162,6 +166,5 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def encode_pairs(self, regions, region_lengths, input_ids, text_lengths, clip=None) -> Tensor:
         """x = L2norm(v^I + w^I) from the momentum encoders: the k-means input of PGC (§3.4)."""
-        v = self.key_image_encoder(regions, region_lengths, clip)
-        w = self.key_text_encoder(input_ids, text_lengths)[0]
+        v, w = self.encode(regions, region_lengths, input_ids, text_lengths, clip)
         return nn.functional.normalize(v + w, dim=-1)

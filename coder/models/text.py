@@ -11,14 +11,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import MissingFileError
+from ..errors import ModelFileError
 from ..lengths import Lengths, as_lengths, valid_mask
 
 PKG_PREFIX = "pkg://"
-
-
-class ModelFileError(MissingFileError):
-    """A pretrained model or tokenizer directory is missing or unreadable."""
 
 
 def resolve_model_dir(name: str) -> str:

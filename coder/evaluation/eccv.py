@@ -6,7 +6,7 @@ The `eccv-caption` package (MIT) ships both annotation maps and `coco_test_ids.n
 caption ids in the Karpathy test order, which is the row order of coco_precomp's `testall_caps.txt`;
 its caption-to-image map gives each image row's COCO id. Everything runs offline.
 
-We rank top-K lists from the fused similarities (§3.5) in chunks, as `evaluation` does, and hand them to
+We rank top-K lists from the fused similarities (§3.5) in chunks, as the other protocols do, and hand them to
 the package. PMRP needs plausible-match files the package does not ship, so it is left out.
 """
 from __future__ import annotations
@@ -19,23 +19,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CoderError
-from .evaluation import fused_chunks
+from ..errors import EccvSplitError
+from .ranking import fused_chunks
 
 COCO_TEST_CAPTIONS = 25_000
 METRICS = ("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_5k_recalls")
 
 
-class EccvSplitError(CoderError, ValueError):
-    """ECCV Caption metrics were asked for a split that is not COCO's 5K test."""
-
-
-def _package_dir() -> Path:
+def _eccv_caption():
+    """The `eccv-caption` package, imported on first use (only --eccv needs it, and it reads its annotation
+    maps on import)."""
     try:
         import eccv_caption
     except ImportError as err:  # a requirement; the message says how to get it
         raise ImportError("ECCV Caption metrics need the 'eccv-caption' package: pip install eccv-caption") from err
-    return Path(eccv_caption.__file__).parent / "data"
+    return eccv_caption
+
+
+def _package_dir() -> Path:
+    return Path(_eccv_caption().__file__).parent / "data"
 
 
 def coco_test_ids(captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -53,31 +55,31 @@ def coco_test_ids(captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
 def top_k(emb: dict[str, Tensor], beta: float, k_i2t: int, k_t2i: int, chunk_size: int = 1000
           ) -> tuple[Tensor, Tensor]:
     """Indices of the k best captions per image (n_images, k_i2t) and of the k best images per caption
-    (n_captions, k_t2i), best first, from chunks of the fused similarity (never the whole matrix)."""
-    n_images, n_captions = emb["v_i"].size(0), emb["w_i"].size(0)
-    i2t = torch.empty(n_images, min(k_i2t, n_captions), dtype=torch.long)
-    best_scores = torch.full((n_captions, 0), float("-inf"))
-    best_images = torch.empty(n_captions, 0, dtype=torch.long)
+    (n_captions, k_t2i), best first, from chunks of the fused similarity (never the whole matrix), ranked where
+    the embeddings lie; the lists come back on the CPU."""
+    n_images, n_captions, device = emb["v_i"].size(0), emb["w_i"].size(0), emb["v_i"].device
+    i2t = torch.empty(n_images, min(k_i2t, n_captions), dtype=torch.long, device=device)
+    best_scores = torch.full((n_captions, 0), float("-inf"), device=device)
+    best_images = torch.empty(n_captions, 0, dtype=torch.long, device=device)
     for start, rows in fused_chunks(emb, beta, slice(0, n_images), slice(0, n_captions), chunk_size):
         rows = rows.float()
         i2t[start:start + rows.size(0)] = rows.topk(i2t.size(1), dim=1).indices
         scores = torch.cat([best_scores, rows.t()], dim=1)  # running top-k over image chunks
-        images = torch.cat([best_images, torch.arange(start, start + rows.size(0)).expand(n_captions, -1)], dim=1)
+        chunk_images = torch.arange(start, start + rows.size(0), device=device).expand(n_captions, -1)
+        images = torch.cat([best_images, chunk_images], dim=1)
         keep = scores.topk(min(k_t2i, scores.size(1)), dim=1)
         best_scores, best_images = keep.values, images.gather(1, keep.indices)
-    return i2t, best_images
+    return i2t.cpu(), best_images.cpu()
 
 
 def metrics_from_top_k(i2t: Tensor, t2i: Tensor, image_ids: np.ndarray, caption_ids: np.ndarray) -> dict:
     """ECCV Caption mAP@R / R-Precision / R@1, CxC R@1/5/10 and COCO 5K R@1/5/10 (percent), per direction."""
-    from eccv_caption import Metrics
-
     i2t_items = {int(image_ids[i]): caption_ids[row].tolist() for i, row in enumerate(i2t.numpy())}
     t2i_items = {int(caption_ids[j]): image_ids[row].tolist() for j, row in enumerate(t2i.numpy())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the package warns when the optional ujson is missing
-        scores = Metrics().compute_all_metrics(i2t_items, t2i_items, target_metrics=METRICS, Ks=(1, 5, 10),
-                                               verbose=False)
+        scores = _eccv_caption().Metrics().compute_all_metrics(i2t_items, t2i_items, target_metrics=METRICS,
+                                                               Ks=(1, 5, 10), verbose=False)
     return {name: {d: 100.0 * float(v) for d, v in value.items()} for name, value in scores.items()}
 
 
@@ -105,12 +107,3 @@ def eccv_metrics(emb: dict[str, Tensor], beta: float = 0.9, captions_per_image: 
     image_ids, caption_ids = coco_test_ids(captions_per_image)
     i2t, t2i = top_k(emb, beta, *needed_k(), chunk_size=chunk_size)
     return metrics_from_top_k(i2t, t2i, image_ids, caption_ids)
-
-
-def format_eccv(scores: dict) -> str:
-    """A few lines: ECCV Caption mAP@R, R-P, R@1 and CxC R@1 per direction."""
-    rows = [("ECCV mAP@R", "eccv_map_at_r"), ("ECCV R-P", "eccv_rprecision"), ("ECCV R@1", "eccv_r1"),
-            ("CxC R@1", "cxc_r1"), ("CxC R@5", "cxc_r5"), ("CxC R@10", "cxc_r10")]
-    lines = [f"{'':<14}{'i2t':>7} {'t2i':>7}"]
-    lines += [f"{label:<14}{scores[key]['i2t']:7.1f} {scores[key]['t2i']:7.1f}" for label, key in rows if key in scores]
-    return "\n".join(lines)
