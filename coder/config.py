@@ -112,6 +112,10 @@ SCHEMA: dict[str, Key] = {
     "model.region_dim": Key(2048, "region feature width", POSITIVE),
     "model.num_regions": Key(36, "L regions per image (§4.2); USER's SGE needs exactly this many", POSITIVE),
     "model.aggregator": Key("gpo", "feature aggregator of the heads (VSE-infinity's GPO, mean, max; §3.2)", REGISTRY),
+    "model.image_fc_init": Key("torch", "the image head's FC init: torch = PyTorch's default, xavier = "
+                               "VSE-infinity's (uniform Xavier, zero bias; docs/conformance.md)", ("torch", "xavier")),
+    "model.mlp_bn_padding": Key(False, "the image head MLP's BatchNorm also over padded rows, as VSE-infinity's "
+                                "(false: real regions only, statistics independent of padding; docs/conformance.md)"),
     "model.text_layers": Key(None, "keep only the first N transformer layers (null: all)",
                              Range(1, optional=True, each=int)),
     "model.text_packing": Key(True, "BERT computes real word-pieces only (the same states up to float rounding)"),

@@ -133,7 +133,8 @@ def build_image_encoder(cfg: dict) -> ImageEncoder:
     sge = SelfGuidedEnhancement(region_dim, cfg["num_regions"], user["dropout"], user["lambda_att"]) \
         if user["sge"] else None
     cge = ClipGuidedEnhancement(user["clip_dim"], dim, region_dim, user["lambda_att"]) if user["cge"] else None
-    return ImageEncoder(ImageHead(region_dim, dim, cfg["aggregator"]), sge, cge)
+    return ImageEncoder(ImageHead(region_dim, dim, cfg["aggregator"], cfg["image_fc_init"], cfg["mlp_bn_padding"]),
+                        sge, cge)
 
 
 def build_text_encoder(cfg: dict, bert: nn.Module) -> TextEncoder:

@@ -1,0 +1,181 @@
+"""benchmarks/conformance.py without the peers' checkouts (CI has none): its mapping, compare and exit-code
+machinery against a small fake peer that the tests write, and the skip of a peer whose variable is unset.
+Where a peer's checkout is named in the environment, its own rows run too (skipped otherwise)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import conformance as C  # noqa: E402
+
+FAKE = """
+import torch
+from torch import nn
+
+
+class PeerLinear(nn.Module):
+    '''A peer's y = x W^T + b, stored as 'proj', with a parameter it never uses.'''
+
+    def __init__(self, planted=0.0, drop_bias_grad=False):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+        self.unused = nn.Parameter(torch.zeros(4))
+        self.planted, self.drop_bias_grad = planted, drop_bias_grad
+
+    def forward(self, x):
+        bias = self.proj.bias.detach() if self.drop_bias_grad else self.proj.bias
+        return x @ self.proj.weight.t() + bias + self.planted
+
+
+class PeerGCNLayer(nn.Module):
+    '''Keeps its matrix (in, out), as CVSE's GraphConvolution does.'''
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3, 2))
+
+    def forward(self, x):
+        return x @ self.weight
+"""
+
+MAP = [C.link("weight", "proj.weight"), C.link("bias", "proj.bias")]
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fake peer checkout: fakepeer_lib/model.py (a name no real peer uses, so nothing is purged)."""
+    (tmp_path / "fakepeer_lib").mkdir()
+    (tmp_path / "fakepeer_lib" / "__init__.py").write_text("")
+    (tmp_path / "fakepeer_lib" / "model.py").write_text(textwrap.dedent(FAKE))
+    mod = C.import_peer(tmp_path, ["fakepeer_lib.model"], patch=False).model
+    yield tmp_path, mod
+    for name in [n for n in sys.modules if n.startswith("fakepeer_lib")]:
+        del sys.modules[name]
+
+
+def _row(mod, **peer_kwargs):
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(3, 2).double(), mod.PeerLinear(**peer_kwargs).double()
+    a, b = C._leaf_pair(torch.randn(5, 3, dtype=torch.float64))
+    return C.compare("linear", "fake@0", ours, theirs, MAP, lambda: ours(a), lambda: theirs(b), 1e-10,
+                     inputs=((a, b),), unmapped_peer=("unused",))
+
+
+def test_equal_peer_conforms_and_weights_are_copied(fake):
+    _, mod = fake
+    row = _row(mod)
+    assert row.conforms and row.out_diff < 1e-12 and row.grad_diff < 1e-12
+
+
+def test_planted_output_difference_fails(fake):
+    row = _row(fake[1], planted=1e-6)
+    assert not row.conforms and row.out_diff == pytest.approx(1e-6) and row.grad_diff < 1e-12
+
+
+def test_missing_gradient_fails(fake):
+    row = _row(fake[1], drop_bias_grad=True)  # same outputs; the peer's bias gets no gradient
+    assert row.out_diff < 1e-12 and not row.conforms and row.grad_diff == float("inf")
+
+
+def test_transposed_and_shared_links(fake):
+    """One of our matrices as two peer layers that store it transposed: weights copied to both, the two peer
+    gradients summed against ours."""
+    _, mod = fake
+    torch.manual_seed(1)
+    ours = nn.Linear(3, 2, bias=False).double()
+    theirs = nn.ModuleDict({"a": mod.PeerGCNLayer(), "b": mod.PeerGCNLayer()}).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    mapping = [C.link("weight", ("a.weight", "b.weight"), transpose=True)]
+    row = C.compare("shared", "fake@0", ours, theirs, mapping, lambda: (ours(x), ours(y)),
+                    lambda: (theirs["a"](x), theirs["b"](y)), 1e-10)
+    assert row.conforms, row
+    assert torch.equal(theirs["a"].weight, ours.weight.t())
+
+
+@pytest.mark.parametrize("mapping, unmapped, match", [
+    ([C.link("weight", "proj.weight"), C.link("bias", "proj.bias"), C.link("nope", "proj.bias")], ("unused",),
+     "our tensor 'nope'"),
+    ([C.link("weight", "proj.wrong"), C.link("bias", "proj.bias")], ("unused",), "peer's tensor 'proj.wrong'"),
+    ([C.link("weight", "proj.weight", transpose=True), C.link("bias", "proj.bias")], ("unused",), r"shape \(3, 2\)"),
+    ([C.link("weight", "proj.weight")], ("unused",), r"our parameters \['bias'\]"),
+    (MAP, (), r"peer's parameters \['unused'\]"),
+])
+def test_mapping_errors_name_the_tensor(fake, mapping, unmapped, match):
+    _, mod = fake
+    with pytest.raises(C.ConformanceError, match=match):
+        C.copy_weights(nn.Linear(3, 2), mod.PeerLinear(), mapping, unmapped)
+
+
+def _fake_peer(planted: float) -> C.Peer:
+    def rows(peer, path):
+        mod = C.import_peer(path, ["fakepeer_lib.model"], patch=False).model
+        return [_row(mod, planted=planted), C.Row("kept on purpose", "fake", 1.0, 1.0, 0.0, departure=True)]
+    return C.Peer("fake", "CODER_PEER_FAKE", "someone/fake", "fakepeer_lib/model.py", rows)
+
+
+def test_main_exit_codes_and_last_line(fake, monkeypatch, capsys):
+    path, _ = fake
+    monkeypatch.setenv("CODER_PEER_FAKE", str(path))
+    assert C.main([], peers=[_fake_peer(0.0)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "1 of 1 comparisons conform"  # the departure row is shown, not counted
+    assert "| linear | fake@0 |" in out and "| departure |" in out
+    assert C.main([], peers=[_fake_peer(1e-3)]) == 1
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "0 of 1 comparisons conform" and "DIFFERS" in out
+
+
+def test_unset_variable_skips_with_reason_and_bad_path_fails(fake, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("CODER_PEER_FAKE", raising=False)
+    assert C.main([], peers=[_fake_peer(1e-3)]) == 0
+    out = capsys.readouterr().out
+    assert "fake: skipped, CODER_PEER_FAKE is not set (a path to a checkout of someone/fake)" in out
+    assert out.strip().splitlines()[-1] == "0 of 0 comparisons conform"
+    monkeypatch.setenv("CODER_PEER_FAKE", str(tmp_path / "nowhere"))
+    assert C.main([], peers=[_fake_peer(0.0)]) == 1
+    assert "is not a checkout of someone/fake (no fakepeer_lib/model.py)" in capsys.readouterr().out
+
+
+def test_script_without_checkouts_skips_every_peer():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODER_PEER_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conformance.py")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len([line for line in lines if "skipped" in line]) == len(C.PEERS)
+    assert lines[-1] == "0 of 0 comparisons conform"
+
+
+@pytest.mark.parametrize("peer", [p for p in C.PEERS if p.rows is not None], ids=lambda p: p.key)
+def test_real_peer_conforms(peer, capsys):
+    """Runs only where the peer's checkout is named (never in CI)."""
+    if not os.environ.get(peer.env):
+        pytest.skip(f"{peer.env} is not set")
+    assert C.main(["--only", peer.key]) == 0, capsys.readouterr().out
+
+
+def test_training_comparison_reads_curves_and_draws_them(tmp_path):
+    """benchmarks/conformance_training.py's bookkeeping (the runs themselves take minutes): dev R@sum per epoch
+    from our train.log, mean and spread per epoch over seeds, and the SVG of both sides' curves."""
+    import conformance_training as CT
+    run = tmp_path / "ours_seed0"
+    run.mkdir()
+    (run / "train.log").write_text(
+        "epoch 0 (of 2) | loss 1.0 | dev R@sum 237.4 | best 237.4 (epoch 0) | 1.0 s, 1.0 s elapsed\n"
+        "epoch 1 (of 2) | loss 0.4 | dev R@sum 301.0 | best 301.0 (epoch 1) | 1.0 s, 3.0 s elapsed\n")
+    assert CT._dev_rsums(run) == [237.4, 301.0]
+    mean_sd = CT.summary({0: [1.0, 4.0], 1: [3.0, 8.0]})
+    assert mean_sd[0] == (2.0, pytest.approx(2 ** 0.5)) and mean_sd[1][0] == 6.0
+    svg = tmp_path / "curves.svg"
+    CT.svg({"ours": {"0": [1.0, 4.0], "1": [3.0, 8.0]}, "peer": {"0": [2.0, 5.0]}}, svg)
+    text = svg.read_text()
+    assert text.startswith("<svg") and text.count("<polyline") == 5  # three seeds' curves and two means
