@@ -50,7 +50,7 @@ def train_steps(rank: int) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    buffers = dict(step.module.model.named_buffers())
+    buffers = dict(step.module.named_buffers())  # the model's and the momentum encoders' banks
     return {"broadcast_buffers": step.broadcast_buffers,
             **{name: next(v for k, v in buffers.items() if k.endswith(name)) for name in SHARED_BUFFERS}}
 

@@ -122,19 +122,23 @@ def test_num_workers_accepts_auto_and_counts():
 
 @pytest.mark.parametrize("device, sync, synced", [("cuda", True, True), ("cuda", False, False), ("cpu", True, False)])
 def test_ddp_syncs_batchnorm_on_cuda_only_when_asked(monkeypatch, device, sync, synced):
-    """train.sync_batchnorm under DDP on CUDA turns every BatchNorm of the step into SyncBatchNorm (statistics
-    over the global batch); on the CPU it cannot (SyncBatchNorm has no CPU kernel) and BatchNorm stays. A PGC
-    classifier unused before cluster.start_epoch makes DDP look for unused parameters."""
+    """train.sync_batchnorm under DDP on CUDA gives the image side's BatchNorms statistics over the global batch
+    (GlobalBatchNorm, docs/gpu.md); the text side and the concept encoders keep theirs, and on the CPU nothing
+    changes. A PGC classifier unused before cluster.start_epoch makes DDP look for unused parameters."""
     from coder import engine
+    from coder.batchnorm import GlobalBatchNorm
+    from coder.models.heads import ImageHead
 
     wrapped = []
     monkeypatch.setattr(engine.dist, "wrap_ddp", lambda module, on, find_unused: wrapped.append(find_unused) or module)
     for prototypes in (None, torch.nn.Linear(2, 3)):
-        step = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        image = ImageHead(4, 4, "mean")
+        step = torch.nn.ModuleDict({"image": image, "text": torch.nn.Sequential(torch.nn.BatchNorm1d(2))})
         step.objective = SimpleNamespace(prototypes=prototypes)
         out = engine.data_parallel(step, torch.device(device, 0) if device == "cuda" else torch.device(device),
                                    world=2, sync_batchnorm=sync)
-        kinds = {type(m) for m in out.modules()} & {torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm}
-        assert kinds == {torch.nn.SyncBatchNorm if synced else torch.nn.BatchNorm1d}
+        image_kinds = {type(m) for m in out["image"].modules()} & {torch.nn.BatchNorm1d, GlobalBatchNorm}
+        assert image_kinds == {GlobalBatchNorm if synced else torch.nn.BatchNorm1d}
+        assert type(out["text"][0]) is torch.nn.BatchNorm1d  # never the text side
         assert engine.data_parallel(step, torch.device("cpu"), world=1, sync_batchnorm=sync) is step
     assert wrapped == [False, True]

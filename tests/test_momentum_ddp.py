@@ -35,8 +35,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for name, steps in SCENARIOS.items():
             torch.manual_seed(0)  # same seed on every rank: same random start
             queue = FeatureQueue(SIZE, DIM)
-            for sizes in steps:
-                queue.enqueue(*rank_keys(rank, sizes[rank]))
+            for sizes in steps:  # a training step's batches are equal (drop_last); other callers say so
+                queue.enqueue(*rank_keys(rank, sizes[rank]), equal_rows=len(set(sizes)) == 1)
             torch.save(queue.state_dict(), os.path.join(out_dir, f"{name}_rank{rank}.pth"))
     finally:
         leave_group()

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_gather_equal_rows
+from ..distributed import all_gather_equal_rows, all_gather_rows
 
 __all__ = ["momentum_update", "make_key_encoder", "FeatureQueue", "MomentumContrast"]
 
@@ -96,12 +96,13 @@ class FeatureQueue(nn.Module):
         queue._ptr, queue._filled = int(queue.ptr), int(queue.filled)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor, ids: Tensor) -> None:
+    def enqueue(self, keys: Tensor, ids: Tensor, equal_rows: bool = True) -> None:
         """Write a batch of keys (B, dim) and their image ids (B,) over the oldest entries.
 
         Under DDP (initialised, world size > 1) keys and ids of all ranks are gathered first, in
-        rank order, so every rank holds the same queue; every rank enqueues as many rows (a training
-        batch: the loader drops the uneven last one). Batches that do not divide the size wrap
+        rank order, so every rank holds the same queue. With `equal_rows` (a training batch: the loader
+        drops the uneven last one) no row count is exchanged, so the step never waits for the device;
+        otherwise the ranks first exchange their counts. Batches that do not divide the size wrap
         around; a batch larger than the queue keeps its newest `size` keys.
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
@@ -113,7 +114,7 @@ class FeatureQueue(nn.Module):
         keys = keys.detach().to(self.features)
         ids = ids.detach().to(device=self.ids.device, dtype=torch.long)
         # every rank's keys in rank order (a no-op in one process); every rank's batch has B rows (drop_last)
-        keys, ids = all_gather_equal_rows(keys, ids)
+        keys, ids = all_gather_equal_rows(keys, ids) if equal_rows else all_gather_rows(keys, ids)
         batch = keys.shape[0]
         kept = min(batch, self.size)  # older keys of an oversized batch would be overwritten anyway
         start = self._ptr
