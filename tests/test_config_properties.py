@@ -76,7 +76,9 @@ def wrong_types(key: str) -> list:
     if default is None:
         return [v for v in WRONG if not (v is None or type(v) is int)]
     family = float if type(default) is float else type(default)
-    return [v for v in WRONG if not (type(v) is family or family is float and type(v) is int)]
+    wrong = [v for v in WRONG if not (type(v) is family or family is float and type(v) is int)]
+    # a key with `bools` reads YAML 1.1's bare on / off (booleans) as its two names (train.amp: off)
+    return [v for v in wrong if not (SCHEMA[key].bools and type(v) is bool)]
 
 
 def numbers(allowed: Range, integer: bool, inside: bool):
