@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 from datetime import date
@@ -27,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_md import write_section  # benchmarks/ is on sys.path when a benchmark runs
 
 from coder.data.butd import convert_butd_tsv, encode_row
 from coder.data.grid import extract_grid_features
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Converters to the precomp layout (benchmarks/converters.py)"
 COCO_IMAGES, F30K_IMAGES = 123_287, 31_014  # Karpathy's splits: all images a full conversion writes
 
@@ -110,15 +109,6 @@ def table(result: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or add it after the title); other sections stay."""
-    old = RESULTS.read_text()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else \
-        old.replace("\n", "\n\n" + text, 1)
-    RESULTS.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tsv-rows", type=int, default=400)
@@ -139,7 +129,7 @@ def main(argv=None) -> int:
     text = table(result, args)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from results_md import write_section  # benchmarks/ is on sys.path when a benchmark runs
 from torch.utils.data import DataLoader, RandomSampler
 
 from coder.config import load_config
@@ -33,7 +33,6 @@ from coder.demo import generate_demo_data
 from coder.models.text import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Training loader (benchmarks/loader.py)"
 # An F30K epoch is 145,000 captions / 128 = 1,132 steps; 30 epochs in under an hour (issue 23's target,
 # k-means and dev evaluation included) leave at most 3,600 / 33,960 = 0.106 s a step: >= 9.4 batches/s.
@@ -101,15 +100,6 @@ def table(rows: list[dict], args, items: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or add it after the title); other sections stay."""
-    old = RESULTS.read_text()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old, count=1) if pattern.search(old) else \
-        old.replace("\n", "\n\n" + text, 1)
-    RESULTS.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="a precomp folder with a train split (default: synthetic, temporary)")
@@ -129,7 +119,7 @@ def main(argv=None) -> int:
         text = table(rows, args, len(ds))
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 
