@@ -28,6 +28,7 @@ EXPECTED = {
     "f30k_coder": CODER_FULL, "coco_coder": CODER_FULL, "demo": CODER_FULL,
     "f30k_vse": {"instance"}, "coco_vse": {"instance"}, "f30k_vse_bigru": {"instance"}, "coco_vse_bigru": {"instance"},
     "f30k_coder_bigru": CODER_FULL, "coco_coder_bigru": CODER_FULL, "demo_bigru": CODER_FULL,
+    "world": CODER_FULL, "world_triplet": {"instance"},  # configs/study/
     "table2_row1_btr": {"instance"}, "table2_row2_dcl": {"instance"}, "table2_row3_mdcl": {"instance", "memory"},
     "table2_row4_concept_dcl": {"instance", "memory", "concept"}, "table2_row5_pgc": CODER_FULL,
     "table3_row1_ie": NO_MDCL, "table3_row2_ie_ee": NO_MDCL, "table3_row3_ie_ee_mb": NO_MDCL,
@@ -42,7 +43,7 @@ EXPECTED = {
 # Which instance loss each row runs (Table 2 #1 and the VSE baselines: triplet; Table 3's "IE" rows: the
 # implicit DCL of Eq. 4; USER: UTO; everything else Eq. 5), checked on the functions the step really calls.
 INSTANCE_LOSS = {"f30k_vse": "triplet", "coco_vse": "triplet", "f30k_vse_bigru": "triplet", "coco_vse_bigru": "triplet",
-                 "table2_row1_btr": "triplet",
+                 "table2_row1_btr": "triplet", "world_triplet": "triplet",
                  "table3_row1_ie": "dcl_implicit", "table3_row4_ie_mdcl": "dcl_implicit",
                  "f30k_user": "uto", "coco_user": "uto", "demo_user": "uto"}
 
