@@ -79,7 +79,7 @@ def test_the_report_loads_a_checkpoint_as_evaluate_does():
 def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, capsys):
     import evaluate
 
-    ckpt = torch.load(FIXTURE / "model_best.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(FIXTURE / "model_best.pth", map_location="cpu", weights_only=True)
     name = next(k for k in ckpt["model"] if not k.startswith("momentum."))
     del ckpt["model"][name]
     torch.save(ckpt, tmp_path / "broken.pth")
