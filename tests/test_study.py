@@ -304,3 +304,35 @@ def test_study_tables_go_into_docs_never_into_a_readme(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "written into docs/studies.md, not into a README" in err, err
         assert not out.exists() and readme.read_text() == f"{start}\nold\n{end}\n"
+
+
+def test_fig3_picture_plots_mean_r1_with_t_intervals_per_batch_and_mdcl(tmp_path, capsys):
+    """scripts/plot_fig3.py: each entry is a point at its resolved batch size, in the w or w/o M-DCL line by its
+    config, the mean R@1 of its finished seeds with the 95% t half-width t_{0.975, n-1} sd / √n as error bar;
+    an entry without finished runs is left out."""
+    import plot_fig3
+    r1 = {"w128": [60.0, 62.0, 64.0], "wo128": [58.0, 59.0, 60.0], "w32": [61.0, 61.0, 61.0], "wo32": []}
+    sets = {"w128": [], "wo128": ["loss.memory_weight=0.0"], "w32": ["train.batch_size=32"],
+            "wo32": ["train.batch_size=32", "loss.memory_weight=0.0"]}
+    out = tmp_path / "runs"
+    for name, values in r1.items():
+        for seed, value in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0, "i2t": {"r1": value + 20},
+                                                               "t2i": {"r1": value}}))
+    spec = tmp_path / "fig3.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
+        {"name": name, "config": "configs/demo.yaml", "set": sets[name]} for name in r1]}))
+    found = plot_fig3.points(study.load_study(spec), out)
+    half = 4.302652729911275 * 2.0 / 3 ** 0.5  # sd of (60, 62, 64) is 2
+    assert found[True][128]["t2i"] == (62.0, pytest.approx(half), 3)
+    assert found[True][128]["i2t"][0] == 82.0
+    assert found[False][128]["t2i"] == (59.0, pytest.approx(half / 2), 3)
+    assert found[True][32]["t2i"] == (61.0, 0.0, 3) and 32 not in found[False]
+    svg = tmp_path / "fig3.svg"
+    assert plot_fig3.main(["--study", str(spec), "--out", str(out), "--svg", str(svg)]) == 0
+    text = svg.read_text()
+    assert text.count("<polyline") == 4  # two lines in each of the two panels
+    assert text.count("<path") == 4  # error bars of the three-seed points with spread: w128, wo128 in two panels
+    assert "w M-DCL, batch 128: t2i R@1 62.0 ±" in capsys.readouterr().out
