@@ -8,6 +8,7 @@ A study file (YAML) names its entries:
 
     seeds: [0, 1, 2]
     reference: btr                      # optional: the entry every other is compared with, seed by seed
+    page: docs/studies.md               # optional: the page holding the table's block (this is the default)
     runs:
       - name: btr                       # folder name: <out>/<name>/seed<k>
         label: "BTR, triplet (Table 2 #1)"
@@ -17,7 +18,8 @@ A study file (YAML) names its entries:
 Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
 already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
 that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it
-replaces the study's own block in docs/studies.md (`--docs FILE`: in another page), between
+replaces the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
+page), between
 `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without .yaml), so one
 page holds several studies. Study tables live in docs/, never in a README: a README.md target is an error
 (`--readme` is the flag's former name). It refuses to replace a block with a table of fewer finished runs
@@ -58,7 +60,7 @@ from coder.stats import paired_t_interval
 from coder.step import check_config
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "studies.md"  # the page whose blocks the study tables are (--docs without a file)
+DOCS = "docs/studies.md"  # the page of a study file that names none (its `page`, relative to the repository)
 # (column, how to read it from eval_<split>.json)
 COLUMNS = (
     ("dev R@sum", lambda r: r.get("best_dev_rsum")),
@@ -110,6 +112,8 @@ def load_study(path: Path) -> dict:
         if run.setdefault("versus", None) is not None and run["versus"] not in names:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'versus: {run['versus']}' names no entry")
     study.setdefault("seeds", [0])
+    if not isinstance(study.setdefault("page", DOCS), str):
+        raise StudyError(f"{path}: 'page' must be a path relative to the repository, e.g. {DOCS}")
     reference = study.setdefault("reference", None)
     if reference is not None and reference not in names:
         raise StudyError(f"{path}: 'reference: {reference}' names no entry of 'runs' ({', '.join(sorted(names))})")
@@ -235,6 +239,21 @@ def versus_cell(results: dict[int, dict], other: dict[int, dict], name: str) -> 
     return f"{interval_text(diff)} ({diff.n}) vs {name}"
 
 
+def best_epoch_cell(run: dict, out: Path, results: dict[int, dict]) -> str:
+    """'median [min–max], last k/n': the epochs (from 0) whose dev R@sum selected the checkpoints, and in how many
+    runs that was the last epoch trained (the run's saved train.epochs), i.e. dev R@sum was still rising."""
+    best = {seed: r["best_epoch"] for seed, r in results.items() if r.get("best_epoch") is not None}
+    if not best:
+        return "–"
+    cell = f"{statistics.median(best.values()):g} [{min(best.values())}–{max(best.values())}]"
+    last = []
+    for seed, epoch in best.items():
+        saved = run_dir(out, run, seed) / "config.yaml"
+        if saved.is_file():
+            last.append(epoch == yaml.safe_load(saved.read_text())["train"]["epochs"] - 1)
+    return cell + (f", last {sum(last)}/{len(last)}" if last else "")
+
+
 def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     """Markdown: one row per entry, mean ± std over the seeds whose run finished; with a reference entry,
     the paired columns after test R@sum."""
@@ -246,7 +265,7 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     grouped = group_cells(study, done)
     tuning = ["group", "Δ dev R@sum vs group's first [95% CI]", "choice"] if grouped else []
     steps = ["Δ test R@sum vs `versus` [95% CI] (pairs)"] if any(run["versus"] for run in study["runs"]) else []
-    header = ["run", "seeds"] + names[:at] + paired + steps + tuning + names[at:] + ["s / run"]
+    header = ["run", "seeds"] + names[:at] + paired + steps + tuning + names[at:] + ["best epoch", "s / run"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for run in study["runs"]:
         results, seconds = done[run["name"]]
@@ -261,7 +280,8 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
             at_tuning = at + len(paired) + len(steps)
             cells = cells[:at_tuning] + grouped.get(run["name"], ["–", "–", ""]) + cells[at_tuning:]
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
-        lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells) + f" | {time_cell} |")
+        lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells)
+                     + f" | {best_epoch_cell(run, out, results)} | {time_cell} |")
     return "\n".join(lines)
 
 
@@ -311,8 +331,9 @@ def main(argv=None) -> int:
                         "study: an entry of the same name and settings reuses the same runs)")
     parser.add_argument("--only", nargs="+", help="run only these entries (the table still lists all)")
     parser.add_argument("--split", default="test", help="the split whose eval json is tabulated")
-    parser.add_argument("--docs", "--readme", dest="docs", type=Path, nargs="?", const=DOCS, metavar="FILE",
-                        help="replace the study's block of this page by the table (default docs/studies.md)")
+    parser.add_argument("--docs", "--readme", dest="docs", type=Path, nargs="?", const=True, metavar="FILE",
+                        help="replace the study's block of this page by the table (default: the study file's "
+                        f"`page`, else {DOCS})")
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate what exists")
     parser.add_argument("--force", action="store_true",
                         help="replace the docs block even with fewer finished runs than it holds")
@@ -322,8 +343,9 @@ def main(argv=None) -> int:
         study = load_study(args.study)
         seeds = args.seeds or study["seeds"]
         out = args.out or REPO / "runs" / "study"
-        if args.docs:
-            check_docs_page(args.docs, args.study.stem)
+        page = REPO / study["page"] if args.docs is True else args.docs  # a bare --docs: the study's page
+        if page is not None:
+            check_docs_page(page, args.study.stem)
         if not args.table_only:
             check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None
@@ -333,8 +355,8 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
-        if args.docs:
-            write_docs(args.docs, args.study.stem, block, args.force)
+        if page is not None:
+            write_docs(page, args.study.stem, block, args.force)
     except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the page has no such block
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -282,19 +282,25 @@ def test_an_entry_with_fewer_luckier_seeds_is_not_chosen_on_dev(tmp_path):
 
 
 def test_study_tables_go_into_docs_never_into_a_readme(tmp_path, capsys):
-    """--docs alone names docs/studies.md; a README (also by the former flag --readme) is refused, and a page
+    """--docs alone names the study file's page, docs/studies.md when it names none; a README (also by the former
+    flag --readme) is refused, and a page
     without the study's block is refused before anything trains or is checked (the entry's unknown key would be
     the error otherwise, so a check moved after training fails here in seconds)."""
     spec = tmp_path / "nosuch_study.yaml"
     spec.write_text(json.dumps({"seeds": [0], "runs": [{"name": "full", "config": "configs/demo.yaml",
                                                         "set": ["train.no_such_key=1"]}]}))
     out = tmp_path / "runs"
-    before = study.DOCS.read_text()
-    assert study.DOCS == Path(study.__file__).resolve().parents[1] / "docs" / "studies.md"
+    page = Path(study.__file__).resolve().parents[1] / "docs" / "studies.md"
+    before = page.read_text()
     assert study.main([str(spec), "--out", str(out), "--docs"]) == 2
     err = capsys.readouterr().err
-    assert f"{study.DOCS} has no '<!-- study:nosuch_study:start -->'" in err, err
-    assert not out.exists() and study.DOCS.read_text() == before  # nothing trained, nothing written
+    assert f"{page} has no '<!-- study:nosuch_study:start -->'" in err, err
+    assert not out.exists() and page.read_text() == before  # nothing trained, nothing written
+    # a study file's `page` is where --docs alone writes (here one without the block: refused the same way)
+    spec.write_text(json.dumps({"seeds": [0], "page": "docs/gpu.md", "runs": [
+        {"name": "full", "config": "configs/demo.yaml", "set": ["train.no_such_key=1"]}]}))
+    assert study.main([str(spec), "--out", str(out), "--docs"]) == 2
+    assert f"{page.parent / 'gpu.md'} has no '<!-- study:nosuch_study:start -->'" in capsys.readouterr().err
 
     start, end = study.markers("nosuch_study")
     readme = tmp_path / "README.md"
@@ -336,3 +342,20 @@ def test_fig3_picture_plots_mean_r1_with_t_intervals_per_batch_and_mdcl(tmp_path
     assert text.count("<polyline") == 4  # two lines in each of the two panels
     assert text.count("<path") == 4  # error bars of the three-seed points with spread: w128, wo128 in two panels
     assert "w M-DCL, batch 128: t2i R@1 62.0 ±" in capsys.readouterr().out
+
+
+def test_best_epoch_column_counts_runs_still_rising_at_their_last_epoch(tmp_path):
+    """The 'best epoch' cell: median [min–max] of the selected epochs, and how many were the last epoch trained
+    (train.epochs - 1 of each run's saved config): a run whose dev R@sum was still rising when it stopped."""
+    out = tmp_path / "runs"
+    for seed, (best, epochs) in enumerate([(11, 12), (9, 12), (11, 12), (5, 6)]):
+        folder = out / "a" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0, "best_epoch": best, "i2t": {"r1": 1.0},
+                                                           "t2i": {"r1": 1.0}}))
+        (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": epochs}}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
+    lines = study.table(study.load_study(spec), out, [0, 1, 2, 3]).splitlines()
+    cells = dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in lines[2].split("|")]))
+    assert cells["best epoch"] == "10 [5–11], last 3/4"
