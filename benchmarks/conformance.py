@@ -11,6 +11,10 @@ gradient. The peers' code never enters this repository.
     CODER_PEER_CVSE=<checkout of BruceW91/CVSE> \\
     python benchmarks/conformance.py [--only vse_infty user cvse] [--markdown]
 
+A checkout's commit, shown in every row as repository@commit, is its `git rev-parse HEAD`; a source tree
+without its .git (exported with `git archive`, as a branch from a mirror) names it in `<variable>_COMMIT`
+(CODER_PEER_VSE_INFTY_BIGRU_COMMIT=<the bigru branch's commit>), else the row says "unknown".
+
 A peer whose variable is unset is skipped with the reason. The table has one row per comparison: the
 largest absolute difference of the outputs and of the gradients (ours against the peer's, parameter by
 parameter through the mapping, and the inputs' gradients), the tolerance, and the verdict. Rows marked
@@ -211,13 +215,24 @@ class Peer:
     commit: str = field(default="")
 
 
-def peer_commit(path: Path) -> str:
+def peer_commit(path: Path, env: str = "") -> str:
+    """The checkout's commit, 12 hex digits: `git rev-parse HEAD` where `path` is the top of a git work tree
+    (a folder inside another repository's tree is not taken for that repository's commit); otherwise, for
+    a source tree without its .git (a `git archive` extract, or a branch such as vse_infty's `bigru` exported
+    from a mirror), the variable `<env>_COMMIT`, which the user sets to the commit the tree was exported from."""
+    fallback = os.environ.get(f"{env}_COMMIT", "").strip() if env else ""
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown (git unavailable)"
-    return out.stdout.strip()[:12] if out.returncode == 0 else "unknown (not a git checkout)"
+        out = None
+    lines = out.stdout.split() if out is not None and out.returncode == 0 else []
+    if len(lines) == 2 and Path(lines[0]).resolve() == Path(path).resolve():
+        return lines[1][:12]
+    if fallback:
+        return fallback[:12]
+    why = "git unavailable" if out is None else "not a git checkout"
+    return f"unknown ({why}{f'; set {env}_COMMIT' if env else ''})"
 
 
 STUBS = {"cv2": ("resize", "imread"), "imageio": ("imread",), "tensorboard_logger": ("configure", "log_value"),
@@ -882,7 +897,7 @@ def run(peers: list[Peer], only: list[str] | None = None) -> tuple[list[Row], li
         if peer.rows is None:
             skipped.append(f"{peer.key}: skipped, no counterpart in coder.models yet (the harness has a hook)")
             continue
-        peer.commit = peer_commit(path)
+        peer.commit = peer_commit(path, peer.env)
         try:
             rows += peer.rows(peer, path)
         except CoderError as err:

@@ -145,6 +145,29 @@ def test_unset_variable_skips_with_reason_and_bad_path_fails(fake, monkeypatch, 
     assert "is not a checkout of someone/fake (no fakepeer_lib/model.py)" in capsys.readouterr().out
 
 
+def test_peer_commit_of_a_checkout_an_export_and_a_folder_inside_another_repository(tmp_path, monkeypatch):
+    """A git checkout names its HEAD; a source tree without .git (a `git archive` export) the commit its
+    `<env>_COMMIT` variable gives, else 'unknown'; a folder inside another repository's work tree is not taken
+    for that repository's commit."""
+    monkeypatch.delenv("CODER_PEER_FAKE_COMMIT", raising=False)
+    repo = tmp_path / "checkout"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "sub" / "f.py").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert C.peer_commit(repo, "CODER_PEER_FAKE") == head[:12]
+    export = tmp_path / "export"
+    export.mkdir()
+    assert C.peer_commit(export, "CODER_PEER_FAKE") == "unknown (not a git checkout; set CODER_PEER_FAKE_COMMIT)"
+    assert C.peer_commit(repo / "sub", "CODER_PEER_FAKE").startswith("unknown (not a git checkout")
+    monkeypatch.setenv("CODER_PEER_FAKE_COMMIT", "8600f891e143bda1a33d2228999d0d4c63acd4fd")
+    assert C.peer_commit(export, "CODER_PEER_FAKE") == "8600f891e143"
+    assert C.peer_commit(repo, "CODER_PEER_FAKE") == head[:12]  # git's answer wins where there is one
+
+
 def test_script_without_checkouts_skips_every_peer():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODER_PEER_")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conformance.py")], capture_output=True,
