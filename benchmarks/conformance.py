@@ -480,9 +480,7 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
     train_region.sh's arguments, its data, training and validation stubbed, records each epoch's loss switch
     and every parameter group's learning rate; ours reads the same from coder.engine and the triplet term."""
     from coder.config import load_config
-    from coder.engine import build_optimizer, lr_at
-    from coder.losses import INSTANCE_LOSSES, LossInputs
-    from coder.losses.triplet import triplet
+    from coder.engine import build_optimizer
     from coder.models.model import build_itr_model
     from coder.models.text import tiny_bert
 
@@ -500,31 +498,56 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
         enc = orig_text(embed_size, no_txtnorm=no_txtnorm)
         enc.linear = nn.Linear(bert.config.hidden_size, embed_size)
         return enc
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = _peer_epochs(T, tmp, [
+            (T, {"BertTokenizer": types.SimpleNamespace(from_pretrained=lambda *_a, **_k: types.SimpleNamespace(
+                vocab=dict.fromkeys(range(100))))}),
+            (P.vse, {"get_text_encoder": get_text_encoder})], ["--embed_size", "12", "--img_dim", "16"])
+    # parameter names: ours -> the peer's (data-parallel: .module.)
+    names = {m.ours: m.peers[0] for m in prefixed(IMAGE_HEAD_MAP, "image_encoder.head.", "img_enc.module.")
+             + prefixed(text_encoder_map(model.text_encoder.backbone.bert), "text_encoder.", "txt_enc.module.")}
+    return schedule_rows(label, cfg, model, optimizer, seen, names, "BERT 0.1x",
+                         tuple("img_enc.module." + n for n in IMAGE_HEAD_UNUSED))
+
+
+# train_region.sh's arguments (master and bigru alike), the peer's data and log folders under a scratch folder
+TRAIN_REGION_ARGS = ["--num_epochs=25", "--lr_update=15", "--learning_rate=.0005", "--precomp_enc_type", "basic",
+                     "--workers", "0", "--log_step", "200", "--vse_mean_warmup_epochs", "1"]
+
+
+def _peer_epochs(T, tmp: str, patches: list[tuple[object, dict]], args: list[str]) -> list[tuple[int, dict]]:
+    """Run the peer's train.py main() with train_region.sh's arguments and `args`, its data loading,
+    per-epoch training, validation and checkpointing stubbed (and `patches`, (object, attributes) pairs):
+    (epoch, the model's state at the start of the epoch) for each epoch."""
     seen = []
     if not logging.getLogger().handlers:  # train.py's logging.basicConfig(INFO) would print to stderr
         logging.getLogger().addHandler(logging.NullHandler())
-    with tempfile.TemporaryDirectory() as tmp, _patched(T, {
-            "BertTokenizer": types.SimpleNamespace(from_pretrained=lambda *_a, **_k: types.SimpleNamespace(
-                vocab=dict.fromkeys(range(100)))),
-            "train": lambda opt, loader, model, epoch, val: seen.append((epoch, _peer_state(model))),
-            "validate": lambda *a, **k: 0.0, "save_checkpoint": lambda *a, **k: None}), \
-            _patched(T.image_caption, {"get_loaders": lambda *a, **k: (None, None)}), \
-            _patched(P.vse, {"get_text_encoder": get_text_encoder}), \
-            _patched(sys, {"argv": ["train.py", "--data_path", tmp, "--data_name", "f30k_precomp",
-                                    "--logger_name", tmp + "/log", "--model_name", tmp + "/model",
-                                    "--num_epochs=25", "--lr_update=15", "--learning_rate=.0005",
-                                    "--precomp_enc_type", "basic", "--workers", "0", "--log_step", "200",
-                                    "--embed_size", "12", "--vse_mean_warmup_epochs", "1", "--img_dim", "16"]}), \
-            contextlib.redirect_stdout(open(os.devnull, "w")):
+    argv = ["train.py", "--data_path", tmp, "--data_name", "f30k_precomp", "--logger_name", tmp + "/log",
+            "--model_name", tmp + "/model", *TRAIN_REGION_ARGS, *args]
+    with contextlib.ExitStack() as stack:
+        record = lambda opt, loader, model, epoch, val: seen.append((epoch, _peer_state(model)))  # noqa: E731
+        for obj, attrs in [(T, {"train": record, "validate": lambda *a, **k: 0.0,
+                                "save_checkpoint": lambda *a, **k: None}),
+                           (T.image_caption, {"get_loaders": lambda *a, **k: (None, None)}),
+                           (sys, {"argv": argv}), *patches]:
+            stack.enter_context(_patched(obj, attrs))
+        stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
         T.main()
-    peer_model = seen[0][1]["model"]
-    # parameter names: ours -> the peer's (data-parallel: .module.)
-    names = {}
-    for m in prefixed(IMAGE_HEAD_MAP, "image_encoder.head.", "img_enc.module."):
-        names[m.ours] = m.peers[0]
-    for m in prefixed(text_encoder_map(model.text_encoder.backbone.bert), "text_encoder.", "txt_enc.module."):
-        names[m.ours] = m.peers[0]
-    peer_params = dict(peer_model["params"])
+    return seen
+
+
+def schedule_rows(label: str, cfg: dict, model: nn.Module, optimizer, seen: list[tuple[int, dict]],
+                  names: dict[str, str], lr_what: str, peer_unused: tuple[str, ...] = ()) -> list[Row]:
+    """Our optimizer's per-parameter learning rate and weight decay at each epoch (coder.engine.lr_at and the
+    parameter groups; `names` maps our parameter names to the peer's) and which triplet form the registered
+    loss computes, against what the peer's train.py set at the start of each epoch (`seen`). Every parameter
+    of ours must have its peer name, and every parameter the peer optimizes a counterpart of ours, except
+    `peer_unused` (parameters the peer never uses)."""
+    from coder.engine import lr_at
+    from coder.losses import INSTANCE_LOSSES, LossInputs
+    from coder.losses.triplet import triplet
+
+    peer_params = dict(seen[0][1]["model"]["params"])
     gen = torch.Generator().manual_seed(12)
     v = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
     w = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
@@ -553,11 +576,14 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
             lr_diff = max(lr_diff, abs(ours_by_param[id(p)][0] - peer_lr))
             wd_diff = max(wd_diff, abs(ours_by_param[id(p)][1] - peer_wd))
         switch_diff = max(switch_diff, float(ours_hardest(epoch) != state["max_violation"]))
-    rows = [Row("optimizer: per-parameter lr (BERT 0.1x) at each of 25 epochs, weight decay", label,
-                math.inf if missing else max(lr_diff, wd_diff), 0.0, 1e-12,
+    unmatched = sorted(set(peer_params) - set(peer_unused) - {names[n] for n, _ in model.named_parameters()
+                                                              if n in names})
+    epochs = len(seen)
+    rows = [Row(f"optimizer: per-parameter lr ({lr_what}) at each of {epochs} epochs, weight decay", label,
+                math.inf if missing or unmatched else max(lr_diff, wd_diff), 0.0, 1e-12,
                 f"AdamW both: {type(optimizer).__name__} / {seen[0][1]['optimizer']}; "
                 f"{len(peer_params)} parameters; grad clip {cfg['train']['grad_clip']} / {seen[0][1]['clip']}"),
-            Row("triplet warm-up switch (VSE0 -> VSE++) at each of 25 epochs", label, switch_diff, 0.0, 0.0,
+            Row(f"triplet warm-up switch (VSE0 -> VSE++) at each of {epochs} epochs", label, switch_diff, 0.0, 0.0,
                 f"VSE++ from epoch {min(e for e, st in seen if st['max_violation'])}; ours: the registered loss "
                 "'triplet' at each epoch")]
     if type(optimizer).__name__ != seen[0][1]["optimizer"] or cfg["train"]["grad_clip"] != seen[0][1]["clip"]:
