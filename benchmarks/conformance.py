@@ -948,15 +948,19 @@ def table(rows: list[Row]) -> str:
 def main(argv=None, peers: list[Peer] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="peer keys to run (default: every peer whose variable is set)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="standard output is only what docs/conformance.md holds: the table, a blank line and "
+                             "the last line; skip reasons and errors go to standard error")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows, skipped, errors = run(PEERS if peers is None else peers, args.only)
+    aside = sys.stderr if args.markdown else sys.stdout
     for line in skipped:
-        print(line)
+        print(line, file=aside)
     if rows:
-        print(table(rows))
+        print(table(rows) + ("\n" if args.markdown else ""))
     for line in errors:
-        print(f"error: {line}")
+        print(f"error: {line}", file=aside)
     counted = [r for r in rows if not r.departure]
     good = sum(r.conforms for r in counted)
     print(f"{good} of {len(counted)} comparisons conform")

@@ -134,6 +134,18 @@ def test_main_exit_codes_and_last_line(fake, monkeypatch, capsys):
     assert out.strip().splitlines()[-1] == "0 of 1 comparisons conform" and "DIFFERS" in out
 
 
+def test_markdown_output_is_the_table_and_the_last_line_only(fake, monkeypatch, capsys):
+    path, _ = fake
+    monkeypatch.setenv("CODER_PEER_FAKE", str(path))
+    monkeypatch.delenv("CODER_PEER_OTHER", raising=False)
+    other = C.Peer("other", "CODER_PEER_OTHER", "someone/other", "x.py", None)
+    assert C.main(["--markdown"], peers=[_fake_peer(0.0), other]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("| module |") and lines[-2] == "" and lines[-1] == "1 of 1 comparisons conform"
+    assert "skipped" not in out and "other: skipped, CODER_PEER_OTHER is not set" in err
+
+
 def test_unset_variable_skips_with_reason_and_bad_path_fails(fake, monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("CODER_PEER_FAKE", raising=False)
     assert C.main([], peers=[_fake_peer(1e-3)]) == 0
