@@ -198,6 +198,98 @@ def test_real_peer_conforms(peer, capsys):
     assert C.main(["--only", peer.key]) == 0, capsys.readouterr().out
 
 
+class _BranchLayout(nn.Module):
+    """The parameter layout of the vse_infty `bigru` branch's EncoderText (lib/encoders.py), as its constructor
+    lays it out: `embed` (vocabulary x word_dim), a bidirectional GRU `rnn` of width embed_size, and GPO(32, 32)
+    `gpool` (a bidirectional GRU over the position encodings and a bias-free `linear` score). Layout only: the
+    rows that run the branch's own code are test_real_peer_conforms and the test below."""
+
+    def __init__(self, vocab: int, embed: int, word_dim: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, word_dim)
+        self.gpool = nn.Module()
+        self.gpool.gru = nn.GRU(32, 32, 1, batch_first=True, bidirectional=True)
+        self.gpool.linear = nn.Linear(32, 1, bias=False)
+        self.rnn = nn.GRU(word_dim, embed, layers, batch_first=True, bidirectional=True)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bigru_mapping_covers_both_sides_without_the_peer(layers):
+    """Our BiGRU text encoder, built from configs/baselines/f30k_vse_bigru.yaml at a small size, maps onto the
+    branch's layout tensor for tensor (names and shapes both ways), and so does the backbone alone with the
+    branch's GPO left unmapped."""
+    from coder.models.bigru import build_bigru
+    from coder.models.model import build_text_encoder
+    vocab = C._small_vocabulary()
+    cfg = C.bigru_model_config(embed=12, word_dim=8, layers=layers)["model"]
+    ours = build_text_encoder(cfg, build_bigru(cfg, vocab))
+    assert isinstance(ours.head.fc, nn.Identity)  # hidden = embed_dim, merge mean: no projection, as the branch
+    theirs = _BranchLayout(len(vocab), 12, 8, layers)
+    C.copy_weights(ours, theirs, C.bigru_text_map(layers))
+    assert torch.equal(theirs.rnn.weight_hh_l0_reverse, ours.backbone.gru.weight_hh_l0_reverse)
+    assert torch.equal(theirs.gpool.linear.weight, ours.head.aggregate.score.weight)
+    C.copy_weights(ours.backbone, theirs, C.bigru_backbone_map(layers), C.BIGRU_GPO)
+
+
+def test_bigru_mapping_refuses_what_the_branch_cannot_hold():
+    """A GRU narrower than the embedding (our head projects) or the directions concatenated: the branch's
+    EncoderText has neither, and the mapping says which tensor has no counterpart or which shape differs."""
+    from coder.models.bigru import build_bigru
+    from coder.models.model import build_text_encoder
+    vocab = C._small_vocabulary()
+    cfg = C.bigru_model_config(embed=12, word_dim=8)["model"]
+    projected = {**cfg, "bigru": {**cfg["bigru"], "hidden": 10}}
+    with pytest.raises(C.ConformanceError, match="shape"):
+        C.copy_weights(build_text_encoder(projected, build_bigru(projected, vocab)),
+                       _BranchLayout(len(vocab), 12, 8, 1), C.bigru_text_map(1))
+    concat = {**cfg, "bigru": {**cfg["bigru"], "merge": "concat"}}
+    with pytest.raises(C.ConformanceError, match=r"our parameters \['head.fc.weight', 'head.fc.bias'\]"):
+        C.copy_weights(build_text_encoder(concat, build_bigru(concat, vocab)), _BranchLayout(len(vocab), 12, 8, 1),
+                       C.bigru_text_map(1))
+
+
+def test_bigru_peer_is_the_branch_and_refuses_a_master_checkout(tmp_path, monkeypatch, capsys):
+    """The BiGRU rows need the bigru branch (its lib/vocab.py; master's text encoder is BERT): a master
+    checkout named in CODER_PEER_VSE_INFTY_BIGRU is an error that says so; unset, the peer is skipped."""
+    peer = next(p for p in C.PEERS if p.key == "vse_infty_bigru")
+    assert peer.rows is C.bigru_rows and peer.branch == "bigru"
+    monkeypatch.delenv(peer.env, raising=False)
+    assert C.main(["--only", peer.key]) == 0
+    assert ("vse_infty_bigru: skipped, CODER_PEER_VSE_INFTY_BIGRU is not set (a path to a checkout of "
+            "woodfrog/vse_infty (bigru branch))") in capsys.readouterr().out
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "encoders.py").write_text("")
+    monkeypatch.setenv(peer.env, str(tmp_path))
+    assert C.main(["--only", peer.key]) == 1
+    assert "is not a checkout of woodfrog/vse_infty (bigru branch) (no lib/vocab.py)" in capsys.readouterr().out
+    peer.commit = "8600f891e143"
+    assert peer.label == "woodfrog/vse_infty@8600f891e143 (bigru)"
+
+
+def test_bigru_rows_catch_a_planted_direction_weighting(monkeypatch):
+    """Where the branch's checkout is named: our BiGRU with its directions weighted 0.6 / 0.4 instead of
+    averaged differs from the branch in the states, the pooled embedding and the gradients."""
+    peer = next(p for p in C.PEERS if p.key == "vse_infty_bigru")
+    if not os.environ.get(peer.env):
+        pytest.skip(f"{peer.env} is not set")
+    from coder.models import bigru
+    forward = bigru.BiGRUBackbone.forward
+
+    def planted(self, input_ids, lengths):
+        self.merge = "concat"
+        try:
+            out = forward(self, input_ids, lengths)
+        finally:
+            self.merge = "mean"
+        half = out.size(-1) // 2
+        return 0.6 * out[..., :half] + 0.4 * out[..., half:]
+    monkeypatch.setattr(bigru.BiGRUBackbone, "forward", planted)
+    rows = [r for r in C.bigru_rows(peer, Path(os.environ[peer.env])) if "BiGRU token states" in r.module
+            or r.module.startswith("EncoderText, 2") or "EncoderText (BiGRU + GPO" in r.module]
+    assert len(rows) == 4
+    assert all(not r.conforms and r.out_diff > 1e-2 and r.grad_diff > 1e-2 for r in rows), rows
+
+
 def test_training_comparison_reads_curves_and_draws_them(tmp_path):
     """benchmarks/conformance_training.py's bookkeeping (the runs themselves take minutes): dev R@sum per epoch
     from our train.log, mean and spread per epoch over seeds, and the SVG of both sides' curves."""
