@@ -9,7 +9,7 @@ gradient. The peers' code never enters this repository.
     CODER_PEER_VSE_INFTY_BIGRU=<the same repository, bigru branch> \\
     CODER_PEER_USER=<checkout of zhangy0822/USER> \\
     CODER_PEER_CVSE=<checkout of BruceW91/CVSE> \\
-    python benchmarks/conformance.py [--only vse_infty user cvse] [--markdown]
+    python benchmarks/conformance.py [--only vse_infty vse_infty_bigru user cvse] [--markdown]
 
 A checkout's commit, shown in every row as repository@commit, is its `git rev-parse HEAD`; a source tree
 without its .git (exported with `git archive`, as a branch from a mirror) names it in `<variable>_COMMIT`
@@ -1052,11 +1052,11 @@ def bigru_schedule_rows(path: Path, label: str, vocab) -> list[Row]:
 # ------------------------------------------------------------------------------------------------ registry
 PEERS = [
     Peer("vse_infty", "CODER_PEER_VSE_INFTY", "woodfrog/vse_infty", "lib/encoders.py", vse_rows),
-    Peer("user", "CODER_PEER_USER", "zhangy0822/USER", "lib/loss.py", user_rows),
-    Peer("cvse", "CODER_PEER_CVSE", "BruceW91/CVSE", "model_CVSE.py", cvse_rows),
     # the BiGRU text encoder: lib/vocab.py is on the bigru branch only (master's text encoder is BERT)
     Peer("vse_infty_bigru", "CODER_PEER_VSE_INFTY_BIGRU", "woodfrog/vse_infty", "lib/vocab.py", bigru_rows,
          branch="bigru"),
+    Peer("user", "CODER_PEER_USER", "zhangy0822/USER", "lib/loss.py", user_rows),
+    Peer("cvse", "CODER_PEER_CVSE", "BruceW91/CVSE", "model_CVSE.py", cvse_rows),
 ]
 
 
