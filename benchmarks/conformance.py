@@ -9,7 +9,11 @@ gradient. The peers' code never enters this repository.
     CODER_PEER_VSE_INFTY_BIGRU=<the same repository, bigru branch> \\
     CODER_PEER_USER=<checkout of zhangy0822/USER> \\
     CODER_PEER_CVSE=<checkout of BruceW91/CVSE> \\
-    python benchmarks/conformance.py [--only vse_infty user cvse] [--markdown]
+    python benchmarks/conformance.py [--only vse_infty vse_infty_bigru user cvse] [--markdown]
+
+A checkout's commit, shown in every row as repository@commit, is its `git rev-parse HEAD`; a source tree
+without its .git (exported with `git archive`, as a branch from a mirror) names it in `<variable>_COMMIT`
+(CODER_PEER_VSE_INFTY_BIGRU_COMMIT=<the bigru branch's commit>), else the row says "unknown".
 
 A peer whose variable is unset is skipped with the reason. The table has one row per comparison: the
 largest absolute difference of the outputs and of the gradients (ours against the peer's, parameter by
@@ -21,7 +25,7 @@ beyond its tolerance (or a peer's module cannot be imported), 0 otherwise.
 Run-time patches (the peers' files are not edited), in the approach of the shared peer harness
 (`peer_vse.py`, PEER.md):
   Q1 modules a peer imports at its top but the compared code never calls are stubbed when absent
-     (cv2, imageio, tensorboard_logger, torchtext, turtle);
+     (cv2, imageio, tensorboard_logger, torchtext, turtle, nltk);
   Q2 `BertModel.from_pretrained('bert-base-uncased')` inside the peer returns a copy of our (tiny) BERT, and the
      peer's hard-coded `nn.Linear(768, embed)` is rebuilt for its hidden size;
   Q3 `torch.Tensor(lengths).cuda()` in the peers' VSE models is a no-op without CUDA;
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -209,19 +214,40 @@ class Peer:
     marker: str  # a file the checkout must have
     rows: Callable[["Peer", Path], list[Row]] | None = None
     commit: str = field(default="")
+    branch: str = ""  # where the checkout must be of a branch other than the repository's default
+
+    @property
+    def source(self) -> str:
+        return f"{self.repo} ({self.branch} branch)" if self.branch else self.repo
+
+    @property
+    def label(self) -> str:
+        """repository@commit, as the table's peer column shows it."""
+        return f"{self.repo}@{self.commit}" + (f" ({self.branch})" if self.branch else "")
 
 
-def peer_commit(path: Path) -> str:
+def peer_commit(path: Path, env: str = "") -> str:
+    """The checkout's commit, 12 hex digits: `git rev-parse HEAD` where `path` is the top of a git work tree
+    (a folder inside another repository's tree is not taken for that repository's commit); otherwise, for
+    a source tree without its .git (a `git archive` extract, or a branch such as vse_infty's `bigru` exported
+    from a mirror), the variable `<env>_COMMIT`, which the user sets to the commit the tree was exported from."""
+    fallback = os.environ.get(f"{env}_COMMIT", "").strip() if env else ""
     try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown (git unavailable)"
-    return out.stdout.strip()[:12] if out.returncode == 0 else "unknown (not a git checkout)"
+        out = None
+    lines = out.stdout.split() if out is not None and out.returncode == 0 else []
+    if len(lines) == 2 and Path(lines[0]).resolve() == Path(path).resolve():
+        return lines[1][:12]
+    if fallback:
+        return fallback[:12]
+    why = "git unavailable" if out is None else "not a git checkout"
+    return f"unknown ({why}{f'; set {env}_COMMIT' if env else ''})"
 
 
 STUBS = {"cv2": ("resize", "imread"), "imageio": ("imread",), "tensorboard_logger": ("configure", "log_value"),
-         "torchtext": (), "turtle": ("forward",)}
+         "torchtext": (), "turtle": ("forward",), "nltk": ()}
 
 
 def _stub(name: str, attrs: tuple[str, ...]) -> None:  # Q1
@@ -360,7 +386,7 @@ def vse_rows(peer: Peer, path: Path) -> list[Row]:
     from coder.models.text import TextBackbone, tiny_bert
 
     P = import_peer(path, ["lib.encoders", "lib.modules.aggr.gpo", "lib.loss", "lib.vse", "arguments"])
-    label = f"{peer.repo}@{peer.commit}"
+    label = peer.label
     rows = []
     gen = torch.Generator().manual_seed(0)
     batch, width, dim, embed = 6, 7, 16, 12
@@ -465,9 +491,7 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
     train_region.sh's arguments, its data, training and validation stubbed, records each epoch's loss switch
     and every parameter group's learning rate; ours reads the same from coder.engine and the triplet term."""
     from coder.config import load_config
-    from coder.engine import build_optimizer, lr_at
-    from coder.losses import INSTANCE_LOSSES, LossInputs
-    from coder.losses.triplet import triplet
+    from coder.engine import build_optimizer
     from coder.models.model import build_itr_model
     from coder.models.text import tiny_bert
 
@@ -485,31 +509,56 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
         enc = orig_text(embed_size, no_txtnorm=no_txtnorm)
         enc.linear = nn.Linear(bert.config.hidden_size, embed_size)
         return enc
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = _peer_epochs(T, tmp, [
+            (T, {"BertTokenizer": types.SimpleNamespace(from_pretrained=lambda *_a, **_k: types.SimpleNamespace(
+                vocab=dict.fromkeys(range(100))))}),
+            (P.vse, {"get_text_encoder": get_text_encoder})], ["--embed_size", "12", "--img_dim", "16"])
+    # parameter names: ours -> the peer's (data-parallel: .module.)
+    names = {m.ours: m.peers[0] for m in prefixed(IMAGE_HEAD_MAP, "image_encoder.head.", "img_enc.module.")
+             + prefixed(text_encoder_map(model.text_encoder.backbone.bert), "text_encoder.", "txt_enc.module.")}
+    return schedule_rows(label, cfg, model, optimizer, seen, names, "BERT 0.1x",
+                         tuple("img_enc.module." + n for n in IMAGE_HEAD_UNUSED))
+
+
+# train_region.sh's arguments (master and bigru alike), the peer's data and log folders under a scratch folder
+TRAIN_REGION_ARGS = ["--num_epochs=25", "--lr_update=15", "--learning_rate=.0005", "--precomp_enc_type", "basic",
+                     "--workers", "0", "--log_step", "200", "--vse_mean_warmup_epochs", "1"]
+
+
+def _peer_epochs(T, tmp: str, patches: list[tuple[object, dict]], args: list[str]) -> list[tuple[int, dict]]:
+    """Run the peer's train.py main() with train_region.sh's arguments and `args`, its data loading,
+    per-epoch training, validation and checkpointing stubbed (and `patches`, (object, attributes) pairs):
+    (epoch, the model's state at the start of the epoch) for each epoch."""
     seen = []
     if not logging.getLogger().handlers:  # train.py's logging.basicConfig(INFO) would print to stderr
         logging.getLogger().addHandler(logging.NullHandler())
-    with tempfile.TemporaryDirectory() as tmp, _patched(T, {
-            "BertTokenizer": types.SimpleNamespace(from_pretrained=lambda *_a, **_k: types.SimpleNamespace(
-                vocab=dict.fromkeys(range(100)))),
-            "train": lambda opt, loader, model, epoch, val: seen.append((epoch, _peer_state(model))),
-            "validate": lambda *a, **k: 0.0, "save_checkpoint": lambda *a, **k: None}), \
-            _patched(T.image_caption, {"get_loaders": lambda *a, **k: (None, None)}), \
-            _patched(P.vse, {"get_text_encoder": get_text_encoder}), \
-            _patched(sys, {"argv": ["train.py", "--data_path", tmp, "--data_name", "f30k_precomp",
-                                    "--logger_name", tmp + "/log", "--model_name", tmp + "/model",
-                                    "--num_epochs=25", "--lr_update=15", "--learning_rate=.0005",
-                                    "--precomp_enc_type", "basic", "--workers", "0", "--log_step", "200",
-                                    "--embed_size", "12", "--vse_mean_warmup_epochs", "1", "--img_dim", "16"]}), \
-            contextlib.redirect_stdout(open(os.devnull, "w")):
+    argv = ["train.py", "--data_path", tmp, "--data_name", "f30k_precomp", "--logger_name", tmp + "/log",
+            "--model_name", tmp + "/model", *TRAIN_REGION_ARGS, *args]
+    with contextlib.ExitStack() as stack:
+        record = lambda opt, loader, model, epoch, val: seen.append((epoch, _peer_state(model)))  # noqa: E731
+        for obj, attrs in [(T, {"train": record, "validate": lambda *a, **k: 0.0,
+                                "save_checkpoint": lambda *a, **k: None}),
+                           (T.image_caption, {"get_loaders": lambda *a, **k: (None, None)}),
+                           (sys, {"argv": argv}), *patches]:
+            stack.enter_context(_patched(obj, attrs))
+        stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
         T.main()
-    peer_model = seen[0][1]["model"]
-    # parameter names: ours -> the peer's (data-parallel: .module.)
-    names = {}
-    for m in prefixed(IMAGE_HEAD_MAP, "image_encoder.head.", "img_enc.module."):
-        names[m.ours] = m.peers[0]
-    for m in prefixed(text_encoder_map(model.text_encoder.backbone.bert), "text_encoder.", "txt_enc.module."):
-        names[m.ours] = m.peers[0]
-    peer_params = dict(peer_model["params"])
+    return seen
+
+
+def schedule_rows(label: str, cfg: dict, model: nn.Module, optimizer, seen: list[tuple[int, dict]],
+                  names: dict[str, str], lr_what: str, peer_unused: tuple[str, ...] = ()) -> list[Row]:
+    """Our optimizer's per-parameter learning rate and weight decay at each epoch (coder.engine.lr_at and the
+    parameter groups; `names` maps our parameter names to the peer's) and which triplet form the registered
+    loss computes, against what the peer's train.py set at the start of each epoch (`seen`). Every parameter
+    of ours must have its peer name, and every parameter the peer optimizes a counterpart of ours, except
+    `peer_unused` (parameters the peer never uses)."""
+    from coder.engine import lr_at
+    from coder.losses import INSTANCE_LOSSES, LossInputs
+    from coder.losses.triplet import triplet
+
+    peer_params = dict(seen[0][1]["model"]["params"])
     gen = torch.Generator().manual_seed(12)
     v = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
     w = nn.functional.normalize(torch.randn(8, 6, generator=gen, dtype=torch.float64), dim=1)
@@ -538,11 +587,14 @@ def vse_schedule_rows(P, path: Path, label: str) -> list[Row]:
             lr_diff = max(lr_diff, abs(ours_by_param[id(p)][0] - peer_lr))
             wd_diff = max(wd_diff, abs(ours_by_param[id(p)][1] - peer_wd))
         switch_diff = max(switch_diff, float(ours_hardest(epoch) != state["max_violation"]))
-    rows = [Row("optimizer: per-parameter lr (BERT 0.1x) at each of 25 epochs, weight decay", label,
-                math.inf if missing else max(lr_diff, wd_diff), 0.0, 1e-12,
+    unmatched = sorted(set(peer_params) - set(peer_unused) - {names[n] for n, _ in model.named_parameters()
+                                                              if n in names})
+    epochs = len(seen)
+    rows = [Row(f"optimizer: per-parameter lr ({lr_what}) at each of {epochs} epochs, weight decay", label,
+                math.inf if missing or unmatched else max(lr_diff, wd_diff), 0.0, 1e-12,
                 f"AdamW both: {type(optimizer).__name__} / {seen[0][1]['optimizer']}; "
                 f"{len(peer_params)} parameters; grad clip {cfg['train']['grad_clip']} / {seen[0][1]['clip']}"),
-            Row("triplet warm-up switch (VSE0 -> VSE++) at each of 25 epochs", label, switch_diff, 0.0, 0.0,
+            Row(f"triplet warm-up switch (VSE0 -> VSE++) at each of {epochs} epochs", label, switch_diff, 0.0, 0.0,
                 f"VSE++ from epoch {min(e for e, st in seen if st['max_violation'])}; ours: the registered loss "
                 "'triplet' at each epoch")]
     if type(optimizer).__name__ != seen[0][1]["optimizer"] or cfg["train"]["grad_clip"] != seen[0][1]["clip"]:
@@ -611,7 +663,7 @@ def user_rows(peer: Peer, path: Path) -> list[Row]:
     from coder.step import ContrastiveStep
 
     P = import_peer(path, ["lib.encoders", "lib.vse"])
-    label = f"{peer.repo}@{peer.commit}"
+    label = peer.label
     rows = []
     gen = torch.Generator().manual_seed(10)
     batch, regions_n, dim, embed = 4, 36, 16, 12  # USER's encoder hard-codes 36 regions
@@ -755,7 +807,7 @@ def cvse_rows(peer: Peer, path: Path) -> list[Row]:
     from coder.models.model import ConceptBranch
 
     P = import_peer(path, ["util.C_GCN", "model_CVSE"])
-    label = f"{peer.repo}@{peer.commit}"
+    label = peer.label
     rows = []
     gen = torch.Generator().manual_seed(20)
     g, d_word, dim, batch = 10, 8, 12, 6
@@ -854,14 +906,157 @@ def cvse_rows(peer: Peer, path: Path) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ BiGRU
+def bigru_text_map(layers: int = 1) -> list[Link]:
+    """Our TextEncoder with the BiGRU backbone (model.text_backbone: bigru; merge mean and bigru.hidden =
+    embed_dim, so the head has no Linear) <- the `bigru` branch's EncoderText (lib/encoders.py): the word
+    embedding `embed`, the bidirectional GRU `rnn` (its width is the branch's embed_size), GPO `gpool`."""
+    return ([link("backbone.embed.weight", "embed.weight")]
+            + [link(f"backbone.gru.{kind}_{w}_l{k}{rev}", f"rnn.{kind}_{w}_l{k}{rev}") for k in range(layers)
+               for kind in ("weight", "bias") for w in ("ih", "hh") for rev in ("", "_reverse")]
+            + prefixed(GPO_MAP, "head.aggregate.", "gpool."))
+
+
+def bigru_backbone_map(layers: int = 1) -> list[Link]:
+    """Our BiGRUBackbone alone <- the same EncoderText, whose GPO (`gpool.*`) is then unmapped."""
+    return [Link(m.ours.removeprefix("backbone."), m.peers) for m in bigru_text_map(layers)
+            if m.ours.startswith("backbone.")]
+
+
+BIGRU_GPO = tuple("gpool." + p for m in GPO_MAP for p in m.peers)
+
+
+def bigru_model_config(embed: int = 12, word_dim: int = 8, layers: int = 1, region_dim: int = 16) -> dict:
+    """The `model` config of configs/baselines/f30k_vse_bigru.yaml (the branch's recipe) at a small size: the
+    GRU as wide as the embedding, as the branch's EncoderText has it."""
+    from coder.config import load_config
+    return load_config(ROOT / "configs" / "baselines" / "f30k_vse_bigru.yaml", [
+        f"model.region_dim={region_dim}", f"model.embed_dim={embed}", f"model.bigru.hidden={embed}",
+        f"model.bigru.word_dim={word_dim}", f"model.bigru.layers={layers}"])
+
+
+def _small_vocabulary(words: int = 25):
+    from coder.vocab import SPECIALS, WordVocabulary
+    return WordVocabulary([*SPECIALS, *(f"w{i}" for i in range(words))])
+
+
+def bigru_rows(peer: Peer, path: Path) -> list[Row]:
+    """Our BiGRU text encoder, built from the branch's recipe config by the model builders, against the `bigru`
+    branch's EncoderText; then that branch's optimizer and schedule (its train.py main()) against our config's.
+    The branch's lib/loss.py and lib/modules/ (GPO, MLP) are master's byte for byte and its EncoderImageAggr
+    differs by a comment, so the image head, GPO and triplet rows of master stand for it."""
+    from coder.models.bigru import build_bigru
+    from coder.models.model import build_text_encoder
+
+    P = import_peer(path, ["lib.encoders", "lib.vse"])
+    label = peer.label
+    rows = []
+    gen = torch.Generator().manual_seed(30)
+    vocab = _small_vocabulary()
+    embed, word_dim = 12, 8
+
+    def pair(layers: int, seed: int):
+        """Ours through build_bigru and build_text_encoder, the peer's EncoderText: float64 but GPO (float32 on
+        both sides, as in every GPO row)."""
+        cfg = bigru_model_config(embed, word_dim, layers)["model"]
+        torch.manual_seed(seed)
+        ours = build_text_encoder(cfg, build_bigru(cfg, vocab)).double()
+        theirs = P.encoders.EncoderText(len(vocab), embed, word_dim, layers).double()
+        ours.head.aggregate.float(), theirs.gpool.float()
+        return ours.train(), theirs.train()
+
+    def captions(lengths: list[int], width: int):
+        lens = torch.tensor(lengths)
+        ids = torch.randint(1, len(vocab), (len(lengths), width), generator=gen)
+        return ids * (torch.arange(width)[None] < lens[:, None]), lens
+
+    # the peer packs with enforce_sorted: its collate_fn sorts every batch by caption length, longest first
+    ids, lens = captions([9, 7, 6, 5, 3, 2], 9)
+    ours, theirs = pair(1, 31)
+    seen = {}
+    hook = theirs.gpool.register_forward_pre_hook(lambda module, args: seen.update(states=args[0]))
+    rows.append(compare("BiGRU token states (word embedding + bidirectional GRU, the directions averaged)", label,
+                        ours.backbone, theirs, bigru_backbone_map(1), lambda: ours.backbone(ids, lens),
+                        lambda: (theirs(ids, lens.double()), seen["states"])[1], F64, unmapped_peer=BIGRU_GPO,
+                        note="float64; the states GPO receives (the peer's read by a hook on its gpool)"))
+    hook.remove()
+    rows.append(compare("EncoderText (BiGRU + GPO + l2 norm), batch in length order", label, ours, theirs,
+                        bigru_text_map(1), lambda: ours(ids, lens)[0], lambda: theirs(ids, lens.double()), F32,
+                        note="the order the peer's collate gives; float32 GPO"))
+
+    # any order: ours reads the batch as it comes; the peer gets it in its collate's order, put back after
+    ids, lens = captions([5, 9, 2, 7, 3, 6], 11)
+    order = torch.sort(lens, descending=True, stable=True).indices
+    restore = torch.argsort(order)
+    rows.append(compare("EncoderText (BiGRU + GPO + l2 norm), batch in any order, padded past the longest", label,
+                        ours, theirs, bigru_text_map(1), lambda: ours(ids, lens)[0],
+                        lambda: theirs(ids[order, :int(lens.max())], lens[order].double())[restore], F32,
+                        note="ours on the batch as given (2 extra pad columns); the peer on it sorted, rows put "
+                             "back"))
+
+    ours, theirs = pair(2, 32)
+    ids, lens = captions([8, 8, 6, 4, 3, 2], 8)
+    rows.append(compare("EncoderText, 2 GRU layers (model.bigru.layers: 2; the branch's --num_layers 2)", label,
+                        ours, theirs, bigru_text_map(2), lambda: ours(ids, lens)[0],
+                        lambda: theirs(ids, lens.double()), F32, note="float32 GPO"))
+
+    rows.append(bigru_init_row(P, label, vocab, embed, word_dim))
+    rows += bigru_schedule_rows(path, label, vocab)
+    return rows
+
+
+def bigru_init_row(P, label: str, vocab, embed: int, word_dim: int) -> Row:
+    """The initial weights from one seed: the same distributions on both sides (embedding uniform +-0.1, the
+    GRUs and GPO's score PyTorch's defaults), drawn in another order, so not the same numbers."""
+    from coder.models.bigru import build_bigru
+    from coder.models.model import build_text_encoder
+    cfg = bigru_model_config(embed, word_dim)["model"]
+    torch.manual_seed(33)
+    ours = build_text_encoder(cfg, build_bigru(cfg, vocab))
+    torch.manual_seed(33)
+    theirs = P.encoders.EncoderText(len(vocab), embed, word_dim, 1)
+    mine, peers = _tensors(ours), _tensors(theirs)
+    diff = max(max_abs(mine[m.ours], peers[m.peers[0]]) for m in bigru_text_map(1))
+    return Row("EncoderText (BiGRU) initial weights from one seed", label, diff, 0.0, 1e-6, departure=True,
+               note="the same distributions (embedding uniform +-0.1, GRUs and GPO's score PyTorch's defaults) drawn "
+                    "in another order: the peer builds GPO before its GRU and redraws the embedding last")
+
+
+def bigru_schedule_rows(path: Path, label: str, vocab) -> list[Row]:
+    """configs/baselines/f30k_vse_bigru.yaml's optimizer and loss switch against the `bigru` branch's train.py
+    main() with its train_region.sh's arguments: on that branch VSEModel optimizes every parameter with one
+    AdamW at the base rate and PyTorch's default weight decay (master: BERT at 0.1x, weight decay 1e-4)."""
+    from coder.engine import build_optimizer
+    from coder.models.bigru import build_bigru
+    from coder.models.model import build_itr_model
+
+    cfg = bigru_model_config(12, 8)
+    model = build_itr_model(cfg["model"], build_bigru(cfg["model"], vocab))
+    optimizer = build_optimizer(model, cfg["train"], model.text_encoder.backbone)
+    T = import_peer(path, ["train"]).train
+    with tempfile.TemporaryDirectory() as tmp:
+        # the vocabulary file the branch's train.py reads (SCAN's layout: <pad> <start> <end> <unk>, the words;
+        # train.py appends <mask>), as many entries as ours
+        words = [w for w in vocab.words if w != "<mask>"]
+        with open(os.path.join(tmp, "f30k_precomp_vocab.json"), "w") as f:
+            json.dump({"word2idx": {w: i for i, w in enumerate(words)},
+                       "idx2word": {str(i): w for i, w in enumerate(words)}, "idx": len(words)}, f)
+        seen = _peer_epochs(T, tmp, [], ["--vocab_path", tmp, "--embed_size", "12", "--img_dim", "16",
+                                         "--word_dim", "8"])
+    names = {m.ours: m.peers[0] for m in prefixed(IMAGE_HEAD_MAP, "image_encoder.head.", "img_enc.")
+             + prefixed(bigru_text_map(1), "text_encoder.", "txt_enc.")}
+    return schedule_rows(label, cfg, model, optimizer, seen, names, "one rate for all, BiGRU recipe",
+                         tuple("img_enc." + n for n in IMAGE_HEAD_UNUSED))
+
+
 # ------------------------------------------------------------------------------------------------ registry
 PEERS = [
     Peer("vse_infty", "CODER_PEER_VSE_INFTY", "woodfrog/vse_infty", "lib/encoders.py", vse_rows),
-    # BiGRU text encoder (woodfrog/vse_infty, bigru branch): no BiGRU encoder in coder.models yet; when one
-    # lands, its rows go in a function here (EncoderText of the branch's lib/encoders.py against it).
+    # the BiGRU text encoder: lib/vocab.py is on the bigru branch only (master's text encoder is BERT)
+    Peer("vse_infty_bigru", "CODER_PEER_VSE_INFTY_BIGRU", "woodfrog/vse_infty", "lib/vocab.py", bigru_rows,
+         branch="bigru"),
     Peer("user", "CODER_PEER_USER", "zhangy0822/USER", "lib/loss.py", user_rows),
     Peer("cvse", "CODER_PEER_CVSE", "BruceW91/CVSE", "model_CVSE.py", cvse_rows),
-    Peer("vse_infty_bigru", "CODER_PEER_VSE_INFTY_BIGRU", "woodfrog/vse_infty (bigru)", "lib/encoders.py", None),
 ]
 
 
@@ -873,16 +1068,16 @@ def run(peers: list[Peer], only: list[str] | None = None) -> tuple[list[Row], li
             continue
         value = os.environ.get(peer.env, "")
         if not value:
-            skipped.append(f"{peer.key}: skipped, {peer.env} is not set (a path to a checkout of {peer.repo})")
+            skipped.append(f"{peer.key}: skipped, {peer.env} is not set (a path to a checkout of {peer.source})")
             continue
         path = Path(value)
         if not (path / peer.marker).is_file():
-            errors.append(f"{peer.key}: {peer.env}={value} is not a checkout of {peer.repo} (no {peer.marker})")
+            errors.append(f"{peer.key}: {peer.env}={value} is not a checkout of {peer.source} (no {peer.marker})")
             continue
         if peer.rows is None:
             skipped.append(f"{peer.key}: skipped, no counterpart in coder.models yet (the harness has a hook)")
             continue
-        peer.commit = peer_commit(path)
+        peer.commit = peer_commit(path, peer.env)
         try:
             rows += peer.rows(peer, path)
         except CoderError as err:
@@ -907,15 +1102,19 @@ def table(rows: list[Row]) -> str:
 def main(argv=None, peers: list[Peer] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="peer keys to run (default: every peer whose variable is set)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="standard output is only what docs/conformance.md holds: the table, a blank line and "
+                             "the last line; skip reasons and errors go to standard error")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows, skipped, errors = run(PEERS if peers is None else peers, args.only)
+    aside = sys.stderr if args.markdown else sys.stdout
     for line in skipped:
-        print(line)
+        print(line, file=aside)
     if rows:
-        print(table(rows))
+        print(table(rows) + ("\n" if args.markdown else ""))
     for line in errors:
-        print(f"error: {line}")
+        print(f"error: {line}", file=aside)
     counted = [r for r in rows if not r.departure]
     good = sum(r.conforms for r in counted)
     print(f"{good} of {len(counted)} comparisons conform")
