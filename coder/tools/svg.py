@@ -19,7 +19,7 @@ class Series:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}"
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.1f}"
 
 
 def panel(series: Sequence[Series], *, x_label: str, y_label: str, title: str = "",
