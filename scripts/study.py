@@ -17,11 +17,10 @@ A study file (YAML) names its entries:
 
 Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
 already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
-that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it
-replaces the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
-page), between
-`<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without .yaml), so one
-page holds several studies. Study tables live in docs/, never in a README: a README.md target is an error
+that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it replaces
+the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
+page), between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without
+.yaml), so one page holds several studies. Study tables live in docs/, never in a README: a README.md target is an error
 (`--readme` is the flag's former name). It refuses to replace a block with a table of fewer finished runs
 than the block holds (runs missing on disk), unless --force.
 
@@ -40,6 +39,19 @@ With `reference`, each other entry also gets the paired difference of test R@sum
 the same seed (same data order): its mean with a 95% Student t interval over the seed pairs, the number of
 pairs, and the interval's half-width, the smallest difference those pairs resolve. This is seed noise (how
 much training again moves a result); `evaluate.py --compare` measures test-set sampling noise instead.
+
+A study file may state the paper's `claims`, each a contrast of entries that the claim says is positive:
+
+    claims:
+      - claim: "#5 full CODER above #1 BTR"
+        paper: "+17.2 (520.9 vs 503.7)"     # what the paper shows, for the reader
+        metric: test R@sum                   # a column of the table: dev R@sum, test R@sum, i2t R@1, t2i R@1, ...
+        contrast: {full: 1, btr: -1}         # per seed: sum of coefficient x metric, over the seeds all finished
+
+The block then ends with one row per claim: the contrast's mean with its 95% t interval over the seeds, their
+number, its standard error, and the verdict: "confirmed" when the interval lies above 0, "contradicted" when it
+lies below, "unresolved" otherwise (or with fewer than 2 seeds). Differences of differences (Fig. 3: does M-DCL
+shrink the fall from batch 128 to 32?) are contrasts with four entries.
 """
 from __future__ import annotations
 
@@ -111,6 +123,7 @@ def load_study(path: Path) -> dict:
                              f"entry ({', '.join(sorted(trained))})")
         if run.setdefault("versus", None) is not None and run["versus"] not in names:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'versus: {run['versus']}' names no entry")
+    check_claims(study, path, names)
     study.setdefault("seeds", [0])
     if not isinstance(study.setdefault("page", DOCS), str):
         raise StudyError(f"{path}: 'page' must be a path relative to the repository, e.g. {DOCS}")
@@ -130,6 +143,24 @@ def check_configs(study: dict, path: Path) -> None:
             check_config(load_config(REPO / run["config"], run["set"], upgrade=upgrade_config))
         except ConfigError as err:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): {err}") from err
+
+
+def check_claims(study: dict, path: Path, names: set[str]) -> None:
+    """Each claim names its text, a table column as metric, and a contrast of known entries with number weights."""
+    metrics = dict(COLUMNS)
+    for i, claim in enumerate(study.setdefault("claims", [])):
+        if not isinstance(claim, dict) or not isinstance(claim.get("claim"), str):
+            raise StudyError(f"{path}: claims[{i}] needs a string 'claim'")
+        if claim.setdefault("metric", "test R@sum") not in metrics:
+            raise StudyError(f"{path}: claims[{i}] metric '{claim['metric']}' is not one of {', '.join(metrics)}")
+        contrast = claim.get("contrast")
+        if not isinstance(contrast, dict) or not contrast or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in contrast.values()):
+            raise StudyError(f"{path}: claims[{i}] needs a 'contrast' mapping entries to number weights")
+        unknown = sorted(set(contrast) - names)
+        if unknown:
+            raise StudyError(f"{path}: claims[{i}] contrast names no entry {', '.join(unknown)}")
+        claim.setdefault("paper", "")
 
 
 def run_dir(out: Path, run: dict, seed: int) -> Path:
@@ -282,13 +313,35 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells)
                      + f" | {best_epoch_cell(run, out, results)} | {time_cell} |")
+    return "\n".join(lines) + ("\n\n" + claims_table(study, done) if study["claims"] else "")
+
+
+def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
+    """Markdown: each claim's contrast over the seeds every entry of it finished, interval, SE and verdict."""
+    lines = ["| claim | paper | metric | contrast, mean [95% CI] | seeds | SE | verdict |",
+             "|---|---|---|---:|---:|---:|---|"]
+    read = dict(COLUMNS)
+    for claim in study["claims"]:
+        values = {name: {s: read[claim["metric"]](r) for s, r in done[name][0].items()} for name in claim["contrast"]}
+        seeds = sorted(set.intersection(*(set(s for s, v in per.items() if v is not None) for per in values.values())))
+        contrasts = [sum(w * values[name][s] for name, w in claim["contrast"].items()) for s in seeds]
+        cells = ["–", "0", "–", "unresolved (no seed finished every entry)"]
+        if contrasts:
+            diff = paired_t_interval(contrasts, [0.0] * len(contrasts))
+            se = None if diff.half_width is None else statistics.stdev(contrasts) / len(contrasts) ** 0.5
+            verdict = ("unresolved (one seed)" if diff.half_width is None else "confirmed" if diff.low > 0
+                       else "contradicted" if diff.high < 0 else "unresolved")
+            cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict]
+        lines.append(f"| {claim['claim']} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def finished_runs(block: str) -> int:
-    """The finished runs a study table counts: the sum of its 'seeds' column (0 for a block without one)."""
+    """The finished runs a study table counts: the sum of its 'seeds' column (0 for a block without one); only the
+    first table counts (the claims below it are not runs)."""
+    first = block.strip().split("\n\n")[0]
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-            for line in block.splitlines() if line.strip().startswith("|")]
+            for line in first.splitlines() if line.strip().startswith("|")]
     if not rows or "seeds" not in rows[0]:
         return 0
     column = rows[0].index("seeds")

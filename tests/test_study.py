@@ -359,3 +359,42 @@ def test_best_epoch_column_counts_runs_still_rising_at_their_last_epoch(tmp_path
     lines = study.table(study.load_study(spec), out, [0, 1, 2, 3]).splitlines()
     cells = dict(zip([c.strip() for c in lines[0].split("|")], [c.strip() for c in lines[2].split("|")]))
     assert cells["best epoch"] == "10 [5–11], last 3/4"
+
+
+def test_claims_are_contrasts_over_common_seeds_with_a_verdict(tmp_path):
+    """A claim's row: per seed, the contrast sum(w x metric) over the seeds every entry of it finished; mean ± the
+    95% t half-width, SE = sd / √n, and the verdict by the interval's side of 0; a fifth seed one entry lacks is
+    left out; the finished-runs count of the block ignores the claims' table."""
+    r1 = {"w128": [62.0, 63.0, 61.0, 62.0, 70.0], "w32": [61.0, 62.5, 60.0, 61.5],
+          "wo128": [61.0, 62.0, 60.0, 61.0], "wo32": [58.0, 59.5, 57.0, 58.0]}
+    out = tmp_path / "runs"
+    for name, values in r1.items():
+        for seed, value in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + value, "i2t": {"r1": value},
+                                                               "t2i": {"r1": value}}))
+    claims = [{"claim": "M-DCL shrinks the fall", "paper": "2.6 vs 0.9", "metric": "t2i R@1",
+               "contrast": {"w32": 1, "w128": -1, "wo32": -1, "wo128": 1}},
+              {"claim": "w/o M-DCL rises at batch 32", "metric": "t2i R@1", "contrast": {"wo32": 1, "wo128": -1}},
+              {"claim": "batch 128 w against w/o", "metric": "test R@sum", "contrast": {"w128": 1, "wo128": -1}},
+              {"claim": "w at 32 above w/o at 128", "metric": "i2t R@1", "contrast": {"w32": 1, "wo128": -1}}]
+    spec = tmp_path / "c.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3, 4], "claims": claims, "runs": [
+        {"name": name, "config": "configs/demo.yaml"} for name in r1]}))
+    block = study.table(study.load_study(spec), out, [0, 1, 2, 3, 4])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in block.split("\n\n")[1].splitlines()[2:]}
+    shrink = [2.0, 2.0, 2.0, 2.5]  # (w32 - w128) - (wo32 - wo128) per seed 0-3
+    mean, sd = statistics.mean(shrink), statistics.stdev(shrink)
+    half = 3.182446305284263 * sd / 2  # t_{0.975, 3}, n = 4
+    assert rows["M-DCL shrinks the fall"] == ["2.6 vs 0.9", "t2i R@1", f"{mean:.1f} [{mean - half:.1f}, "
+                                              f"{mean + half:.1f}]", "4", f"{sd / 2:.1f}", "confirmed"]
+    assert rows["w/o M-DCL rises at batch 32"][-1] == "contradicted"
+    assert rows["batch 128 w against w/o"][-1] == "confirmed" and rows["batch 128 w against w/o"][3] == "4"
+    assert rows["w at 32 above w/o at 128"][-1] == "unresolved"  # 0, 0.5, 0, 0.5: the interval holds 0
+    assert study.finished_runs(block) == 5 + 4 + 4 + 4
+    spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": {"nope": 1}}],
+                                "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
+    with pytest.raises(study.StudyError, match=r"claims\[0\] contrast names no entry nope"):
+        study.load_study(spec)
