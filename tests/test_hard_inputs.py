@@ -198,6 +198,25 @@ def test_text_encoder_missing(capsys, config, tmp_path):
     assert err.startswith("error: text encoder not found") and len(err.strip().splitlines()) == 1, err
 
 
+BIGRU = ("model.text_backbone=bigru", "model.bigru.word_dim=8", "model.bigru.hidden=32")
+
+
+@row("BiGRU word vectors file missing")
+def test_bigru_word_vectors_missing(capsys, config, tmp_path):
+    err = train_fails(capsys, config, tmp_path, *BIGRU, f"model.bigru.glove={tmp_path / 'no_glove.txt'}")
+    assert_message("BiGRU word vectors file missing", err)
+    assert str(tmp_path / "no_glove.txt") in err and len(err.strip().splitlines()) == 1, err
+
+
+@row("BiGRU word vectors of another width")
+def test_bigru_word_vectors_of_another_width(capsys, config, tmp_path):
+    glove = tmp_path / "glove.3d.txt"
+    glove.write_text("dog 0.1 0.2 0.3\ncat 0.3 0.2 0.1\n")
+    err = train_fails(capsys, config, tmp_path, *BIGRU, f"model.bigru.glove={glove}")
+    assert_message("BiGRU word vectors of another width", err)
+    assert "3-d word vectors" in err and "is 8" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_missing_data_is_reported_before_what_is_derived_from_it(capsys, tmp_path):
     """The shipped F30K config without data: the first error names the data, not the text encoder or the
     concept vocabulary (both missing too), which scripts/build_concepts.py would build from that data."""
