@@ -8,21 +8,27 @@ Stages, each timed, all written to one JSON:
               (on the CPU: what a CUDA run would sync, counted on device doubles, benchmarks/host_syncs.py);
   train_step  triplet / CODER instance / full CODER / USER at batch 128, 36 x 2,048 regions, BERT-base (random
               weights), bf16 autocast and fp32 (benchmarks/train_step.py), with peak reserved memory;
+  compile     full CODER's step at those shapes eager and with train.compile (inductor), from the same weights,
+              batches and random streams, bf16 and fp32: step times, the compiling first steps apart, and each
+              step's loss, which must be eager's within COMPILE_TOLERANCE;
   kmeans      spherical k-means at F30K (145,000 x 1,024 -> 10,000) and COCO (566,435 x 1,024 -> 10,000) size;
   eval        COCO 5K (5-fold 1K and 5K) of full CODER with a BERT-base text encoder (random weights).
 
     python benchmarks/gpu_check.py [--dry-run] [--out gpu_check.json] [--work DIR] [--stages ...]
                                    [--max-syncs 2]
 
-`--dry-run` runs every stage on the CPU at tiny sizes (seconds), with the same JSON keys. Exits 1 when a
-target fails (listed under "failures" and on stderr): the resumed run's metrics not equal to the uninterrupted
-run's, more host syncs per training step than `--max-syncs` (2), a loader with training's workers and pinned
-memory slower than the step it feeds.
+`--dry-run` runs every stage on the CPU at tiny sizes (seconds), with the same JSON keys; its compile stage
+traces the triplet step with dynamo's eager backend (no C++ build), so the comparison runs but times nothing of
+inductor. Exits 1 when a target fails (listed under "failures" and on stderr): the resumed run's metrics not
+equal to the uninterrupted run's, more host syncs per training step than `--max-syncs` (2), a loader with
+training's workers and pinned memory slower than the step it feeds, compiled losses off eager's.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -50,15 +56,26 @@ from coder.precision import tf32  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["triplet", "coder_instance", "coder", "user"]
-STAGES = ["resume", "sync", "train_step", "kmeans", "eval"]
+STAGES = ["resume", "sync", "train_step", "compile", "kmeans", "eval"]
 FULL = {"demo": {}, "demo_steps": 0, "save_every": 10, "sync_steps": 6, "step_batch": 128, "step_steps": 5,
         "text": "bert-base", "kmeans": [(145_000, 10_000), (566_435, 10_000)], "eval_images": 5000,
-        "bert": (768, 12, 12)}
+        "bert": (768, 12, 12), "compile_methods": ["coder"], "compile_backend": "inductor", "compile_steps": 8,
+        "compile_precisions": ["bf16", "fp32"]}
 DRY = {"demo": {"train_images": 40, "dev_images": 10, "test_images": 10}, "demo_steps": 3, "save_every": 2,
        "sync_steps": 2, "step_batch": 8, "step_steps": 1, "text": "minilm", "kmeans": [(2_000, 50), (4_000, 50)],
        "eval_images": 20, "bert": (32, 2, 2),
        "step_overrides": ["model.embed_dim=32", "cluster.k=5", "model.momentum.queue_size=16",
-                          "model.concept.gcn_hidden=16"]}
+                          "model.concept.gcn_hidden=16"],
+       # the comparison, not inductor's timings: dynamo's tracing without code generation, of the triplet step
+       # (the fewest modules), mean heads, one BERT layer and batches of one shape (no augmentation, captions cut
+       # to 8 word-pieces, padded BERT): GPO's packed GRU breaks the graph, each of MiniLM's layers is traced
+       # again and each new batch shape is a retrace, seconds of the suite each
+       "compile_methods": ["triplet"], "compile_backend": "eager", "compile_steps": 1, "compile_precisions": ["fp32"],
+       "compile_overrides": ["model.aggregator=mean", "model.text_layers=1", "data.augment=false",
+                             "data.max_words=8", "model.text_packing=false"]}
+# how far a compiled step's loss may be from eager's, relative: float32 differs by the order of its reductions
+# over a few Adam steps; under bf16 autocast inductor keeps some bf16 intermediates in float32 that eager rounds
+COMPILE_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-2}
 TRAINERS: dict = {}  # the resumed demo Trainer, handed from the resume stage to the sync stage
 MAX_SYNCS_PER_STEP = host_syncs.MAX_SYNCS_PER_STEP
 
@@ -166,8 +183,14 @@ def stage_sync(work: Path, device: str, plan: dict) -> dict:
             "steps": steps, "max_per_step": plan.get("max_syncs", MAX_SYNCS_PER_STEP), **found}
 
 
+def step_data(work: Path) -> str:
+    """The demo's 36 x 2,048 training split for the step stages, written once."""
+    root = work / "step_data"
+    return str(root) if (root / "train_caps.txt").exists() else step_bench.demo_train_split(str(root))
+
+
 def stage_train_step(work: Path, device: str, plan: dict) -> dict:
-    root = step_bench.demo_train_split(str(work / "step_data"))
+    root = step_data(work)
     out = {}
     for name, on in (("bf16", True), ("fp32", False)):
         rows = []
@@ -181,6 +204,48 @@ def stage_train_step(work: Path, device: str, plan: dict) -> dict:
             rows.append(row)
         out[name] = rows
     return out
+
+
+def compare_losses(eager: dict, compiled: dict, precision: str, backend: str) -> dict:
+    """One method's eager and compiled step benchmarks side by side: step times (the warm-up steps, where the
+    compiled run compiles, apart) and the largest relative difference between the two runs' losses."""
+    diffs = [abs(c - e) / max(abs(e), 1e-12) for e, c in zip(eager["losses"], compiled["losses"])]
+    # a NaN would vanish in max(); it, an inf and a missing step count as infinitely far off
+    diffs = [d if math.isfinite(d) else math.inf for d in diffs]
+    if len(eager["losses"]) != len(compiled["losses"]):
+        diffs.append(math.inf)
+    return {"method": eager["method"], "precision": precision, "backend": backend,
+            "eager_step_s": eager["step_s"], "compiled_step_s": compiled["step_s"],
+            "speedup": eager["step_s"] / compiled["step_s"], "eager_warmup_s": eager["warmup_s"],
+            "compiled_warmup_s": compiled["warmup_s"], "losses_eager": eager["losses"],
+            "losses_compiled": compiled["losses"], "max_rel_loss_diff": max(diffs, default=math.inf),
+            "tolerance": COMPILE_TOLERANCE[precision]}
+
+
+def stage_compile(work: Path, device: str, plan: dict) -> dict:
+    """Each method's training step eager, then with `train.compile` (a fresh dynamo cache, so one precision's
+    graphs do not count against the other's recompile limit); both from torch.manual_seed(0) with the same
+    batches, and under inductor dropout draws eager's masks (coder/step.py, compile_step)."""
+    from torch._dynamo.utils import counters
+
+    root, backend, rows = step_data(work), plan["compile_backend"], []
+    for precision in plan["compile_precisions"]:
+        for method in plan["compile_methods"]:
+            overrides = [amp_override(precision == "bf16"), *plan.get("step_overrides", []),
+                         *plan.get("compile_overrides", [])]
+            run = {}
+            for mode in ("off", backend):
+                torch._dynamo.reset()
+                frames = counters["frames"]["ok"]
+                run[mode] = step_bench.bench(method, plan["text"], torch.device(device), plan["compile_steps"],
+                                             plan["step_batch"], root, [*overrides, f"train.compile={mode}"],
+                                             time_loader=False)
+                run[mode]["frames"] = counters["frames"]["ok"] - frames
+            row = compare_losses(run["off"], run[backend], precision, backend)
+            row["frames_compiled"] = run[backend]["frames"]  # 0 would mean nothing was compiled
+            rows.append(row)
+    torch._dynamo.reset()
+    return {"backend": backend, "steps": plan["compile_steps"] + 2, "rows": rows}
 
 
 def stage_kmeans(device: str, plan: dict) -> list[dict]:
@@ -241,6 +306,13 @@ def failures(report: dict) -> list[str]:
         out += [f"train_step {precision} {r['method']}: the loader takes {r['loader_s']:.4f} s per batch "
                 f"({r['num_workers']} workers), slower than the step's {r['step_s']:.4f} s"
                 for r in rows if r["loader_s"] > r["step_s"]]
+    for r in report.get("compile", {}).get("rows", []):
+        if not r["max_rel_loss_diff"] <= r["tolerance"]:
+            out.append(f"compile {r['precision']} {r['method']}: the compiled ({r['backend']}) losses differ from "
+                       f"eager's by up to {r['max_rel_loss_diff']:.3g} (relative), over the tolerance "
+                       f"{r['tolerance']:g}")
+        if r["frames_compiled"] == 0:
+            out.append(f"compile {r['precision']} {r['method']}: train.compile={r['backend']} compiled nothing")
     return out
 
 
@@ -249,9 +321,14 @@ def run(dry_run: bool, work: Path, only=None, max_syncs: float = MAX_SYNCS_PER_S
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --dry-run to check the stages on the CPU)")
     plan = {**(DRY if dry_run else FULL), "max_syncs": max_syncs}
+    if plan["compile_backend"] == "inductor" and device == "cuda" and (not only or "compile" in only) \
+            and importlib.util.find_spec("triton") is None:  # before any stage: nothing measured is lost
+        raise SystemExit("gpu_check: the compile stage needs the Python package 'triton' (inductor's GPU code "
+                         "generator; PyTorch's CUDA wheels bring it); --stages without compile leaves it out")
     report = {"dry_run": dry_run, "machine": machine(device), "seconds": {}}
     stages = {"resume": lambda: stage_resume(work, device, plan), "sync": lambda: stage_sync(work, device, plan),
               "train_step": lambda: stage_train_step(work, device, plan),
+              "compile": lambda: stage_compile(work, device, plan),
               "kmeans": lambda: stage_kmeans(device, plan), "eval": lambda: stage_eval(work, device, plan)}
     for name, stage in stages.items():
         if only and name not in only:

@@ -3,10 +3,11 @@
 # the repository on PYTHONPATH (no editable install needed). Stages (benchmarks/gpu_check.py): the demo for
 # 2 epochs with k-means, stopped and resumed (metrics equal); host syncs over a few steps; the training step
 # of triplet / CODER instance / full CODER / USER at batch 128 (bf16 and fp32) with peak reserved memory;
-# k-means at F30K and COCO size; COCO 5K evaluation of full CODER with BERT-base. One JSON: $OUT/gpu_check.json
-# (default /tmp/gpu_check). About 8 minutes on one H100-class GPU.
+# full CODER's step eager against train.compile (inductor, bf16 and fp32); k-means at F30K and COCO size;
+# COCO 5K evaluation of full CODER with BERT-base. One JSON: $OUT/gpu_check.json (default /tmp/gpu_check).
+# About 8 minutes on one H100-class GPU, plus inductor's compilations (unmeasured; --stages leaves stages out).
 # Exits non-zero when a target fails (resume not identical, host syncs per step over the limit, the loader
-# slower than the step): the failures are printed and listed in the JSON.
+# slower than the step, compiled losses off eager's): the failures are printed and listed in the JSON.
 #   bash benchmarks/gpu_check.sh [--dry-run]     # --dry-run: every stage on the CPU at tiny sizes
 set -euo pipefail
 cd "$(dirname "$0")/.."

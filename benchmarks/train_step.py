@@ -39,7 +39,7 @@ from coder.models.bigru import build_bigru
 from coder.models.model import build_itr_model
 from coder.models.text import load_text_backbone, tiny_bert
 from coder.precision import tf32
-from coder.step import build_step
+from coder.step import build_step, compile_step
 from coder.vocab import WordVocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def random_concepts(g: int = 400, d: int = 300, seed: int = 0) -> dict:
 
 
 def bench(method: str, text: str, device: torch.device, steps: int, batch: int, root: str,
-          overrides: list[str] = ()) -> dict:
+          overrides: list[str] = (), time_loader: bool = True) -> dict:
     path, method_overrides = METHODS[method]
     cfg = load_config(ROOT / path, method_overrides + [f"train.batch_size={batch}", f"data.root={root}",
                                                        *overrides])
@@ -127,6 +127,7 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
     concepts = random_concepts() if cfg["model"]["concept"]["enabled"] else None
     model = build_itr_model(cfg["model"], bert, concepts).to(device)
     step = build_step(cfg, model).to(device).train()
+    compile_step(step, cfg["train"]["compile"])  # as the trainer does: compiled at the first (warm-up) step
     objective = step.objective
     optimizer = build_optimizer(step, cfg["train"], model.text_encoder.backbone)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -135,7 +136,7 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         else None
     dtype = amp_dtype(cfg["train"]["amp"], device)
     amp = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    times, lengths = [], []
+    times, warmup, lengths, losses = [], [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(steps + 2):  # two warm-up steps
@@ -151,15 +152,17 @@ def bench(method: str, text: str, device: torch.device, steps: int, batch: int, 
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        (times if i >= 2 else warmup).append(time.perf_counter() - t0)
+        losses.append(loss.detach())
         lengths.append(data["text_lengths"].lengths.float().cpu())
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lengths = torch.cat(lengths)
-    loader_s = loader_seconds(training_loader(cfg, root, tokenizer, steps + 2, seed=1, device_type=device.type))
+    loader_s = loader_seconds(training_loader(cfg, root, tokenizer, steps + 2, seed=1, device_type=device.type)) \
+        if time_loader else None
     return {"method": method, "text": text, "device": str(device), "batch": batch, "step_s": step_s,
+            "warmup_s": warmup, "losses": [float(v) for v in losses], "compile": cfg["train"]["compile"],
             "loader_s": loader_s, "num_workers": resolve_num_workers(cfg["data"]["num_workers"], device.type),
             "steps_s": times, "samples_per_s": batch / step_s, "peak_mb": peak,
             "tokens_per_caption": float(lengths.mean()), "overrides": list(overrides),

@@ -22,9 +22,10 @@ from .config import from_dict
 from .errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 2
-# keys that may change between a run and its resume without changing what is computed
+# keys that may change between a run and its resume without changing what is computed (train.compile: how the
+# same step runs, up to float rounding, with the same state dicts)
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.device", "train.save_every",
-                     "train.keep_last_checkpoint",
+                     "train.keep_last_checkpoint", "train.compile",
                      "train.dist_timeout_minutes", "data.num_workers", "data.root", "eval.batch_size",
                      "eval.chunk_size", "name")
 

@@ -205,6 +205,11 @@ SCHEMA: dict[str, Key] = {
                      bools=("off", "auto")),
     "train.tf32": Key(False, "TF32 for float32 matmuls of the step on CUDA (never for k-means or ranking)"),
     "train.deterministic": Key(False, "bitwise-repeatable CUDA kernels (deterministic algorithms, no autotuning)"),
+    "train.compile": Key("off", "torch.compile the training step in place (the model's training forward, the "
+                         "momentum encoders, Eq. 8's objective; evaluation stays eager; checkpoints unchanged): "
+                         "inductor (true) = PyTorch's compiler, aot_eager / eager = its tracing without code "
+                         "generation (checks); off: eager, as the paper trained",
+                         ("off", "inductor", "aot_eager", "eager"), bools=("off", "inductor")),
     "train.log_every": Key(10, "steps between logged steps", POSITIVE),
     "train.save_every": Key(500, "steps between mid-epoch checkpoints (0: only at epoch ends)", NON_NEGATIVE),
     "train.keep_last_checkpoint": Key(True, "false: delete checkpoint_last.pth once the run finished"),

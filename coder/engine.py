@@ -41,7 +41,7 @@ from .models.heads import ImageHead
 from .models.model import ImageEncoder, build_model
 from .precision import set_deterministic, tf32
 from .runlog import progress_bars
-from .step import ContrastiveStep, build_step
+from .step import ContrastiveStep, build_step, compile_step
 from .vocab import WordVocabulary
 
 
@@ -212,6 +212,7 @@ class Trainer:
         self.objective = self.step.objective
         dist.offset_seeds(tcfg["seed"], self.rank)  # parameters identical on every rank, dropout streams not
         self.step_module = data_parallel(self.step, self.device, self.world, tcfg["sync_batchnorm"])
+        compile_step(self.step, tcfg["compile"])  # in place, after DDP's BatchNorm conversion: same state dict
         self.optimizer = build_optimizer(self.step_module, tcfg, self.model.text_encoder.backbone)
         self.amp = amp_dtype(tcfg["amp"], self.device)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none

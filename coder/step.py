@@ -162,6 +162,32 @@ class ContrastiveStep(nn.Module):
         return self.momentum.queue_v.fill_fraction() if self.momentum is not None else None
 
 
+def compile_step(step: ContrastiveStep, backend: str) -> list[nn.Module]:
+    """`train.compile`: torch.compile, in place (`nn.Module.compile`), of the modules whose forward is the step's
+    compute: the model (its forward is the training forward only: evaluation and `evaluate.py` call
+    `encode_image` / `encode_text` and stay eager), the momentum key encoders (the keys of §3.2; k-means'
+    features come through them too) and the objective (Eq. 8's similarity matrices and their elementwise
+    chains). In place, so no `_orig_mod.` prefix enters a state dict: checkpoints are the eager run's, and a
+    compiled run resumes eager and vice versa. Returns the modules compiled (none for "off").
+
+    Left eager, on purpose: the momentum update (already one fused `_foreach_lerp_` per encoder, nothing left
+    to fuse) and the banks' enqueue, whose write position is a Python int mirrored from the `ptr` buffer so
+    that enqueue never reads the device: traced, that int would be a constant of the graph and every step's
+    new position a recompile. Under inductor random ops draw from PyTorch's own generator as eager does
+    (`fallback_random`), so dropout masks are eager's: compiled and eager runs differ by float rounding only,
+    the checkpoint's random states mean the same to both, and `benchmarks/gpu_check.py` can hold the compiled
+    losses to eager's within a tolerance."""
+    if backend == "off":
+        return []
+    options = {"fallback_random": True} if backend == "inductor" else None
+    modules = [step.model, step.objective]
+    if step.momentum is not None:
+        modules += [step.momentum.key_image_encoder, step.momentum.key_text_encoder]
+    for module in modules:
+        module.compile(backend=backend, options=options)
+    return modules
+
+
 def build_step(cfg: dict, model: ITRModel) -> ContrastiveStep:
     """The training step of a resolved config around a built model: its objective and, with
     `model.momentum.enabled`, key encoders copied from the model's encoders and the two banks."""

@@ -32,6 +32,10 @@ def test_dry_run_writes_every_stage(report):
     assert report["sync"]["steps"] == gpu_check.DRY["sync_steps"]
     assert report["sync"]["syncs_per_step"] == 0, report["sync"]["where"]  # as a CUDA run would count them
     assert all(r["loader_s"] > 0 for rows in report["train_step"].values() for r in rows)
+    [row] = report["compile"]["rows"]  # the dry run's one comparison: the triplet step, dynamo's eager backend
+    assert (row["method"], row["precision"], row["backend"]) == ("triplet", "fp32", "eager")
+    assert row["frames_compiled"] > 0 and len(row["losses_compiled"]) == report["compile"]["steps"]
+    assert row["max_rel_loss_diff"] == 0  # the eager backend runs eager's ops: the same losses to the bit
     assert report["failures"] == []
 
 
@@ -60,3 +64,23 @@ def test_a_sync_planted_in_the_step_fails_the_check(tmp_path, monkeypatch, capsy
     [failure] = report["failures"]
     assert failure.startswith("sync: 1 host syncs per step") and "tests/test_gpu_check.py" in failure
     assert "FAILED sync" in capsys.readouterr().err
+
+
+def test_compiled_losses_off_eagers_fail_the_check(report):
+    """The dry run's eager / compiled comparison replayed with the last compiled loss 1% off (as dropout drawn
+    from inductor's own generator is, tests/test_compile.py), with a NaN, and with nothing compiled: each fails."""
+    row = report["compile"]["rows"][0]
+    eager = {"method": row["method"], "step_s": row["eager_step_s"], "warmup_s": row["eager_warmup_s"],
+             "losses": row["losses_eager"]}
+
+    def replayed(factor, frames=row["frames_compiled"]):
+        compiled = {**eager, "step_s": row["compiled_step_s"], "warmup_s": row["compiled_warmup_s"],
+                    "losses": [*row["losses_compiled"][:-1], row["losses_compiled"][-1] * factor]}
+        again = gpu_check.compare_losses(eager, compiled, row["precision"], row["backend"])
+        return gpu_check.failures({"compile": {"rows": [{**again, "frames_compiled": frames}]}})
+
+    assert replayed(1.0) == []
+    for factor in (1.01, float("nan")):
+        [failure] = replayed(factor)
+        assert failure.startswith("compile fp32 triplet: the compiled (eager) losses differ from eager's by up to ")
+    assert replayed(1.0, frames=0) == ["compile fp32 triplet: train.compile=eager compiled nothing"]

@@ -7,7 +7,7 @@ line, and its keys in coder/config.py's SCHEMA with `reads=(<name>,)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import partial
 from typing import Callable, NamedTuple
 
 from torch import Tensor
@@ -27,6 +27,21 @@ class Bank(NamedTuple):
     w: Tensor
     ids_v: Tensor
     ids_w: Tensor
+
+
+class cached_property:  # noqa: N801 (named as the functools decorator it stands in for)
+    """`functools.cached_property` without the lock it takes before Python 3.12, which torch.compile cannot enter
+    (`train.compile`: a graph break at every shared similarity of every step); a step's `LossInputs` lives in
+    one thread."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)  # an instance attribute: found before this descriptor
+        return value
 
 
 class LossInputs:
