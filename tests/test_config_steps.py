@@ -36,7 +36,7 @@ EXPECTED = {
     **{f"table4_k{k}": CODER_FULL for k in (5000, 10000, 15000, 20000)},
     **{f"fig3_bs{b}_wo_mdcl": NO_MDCL for b in (32, 64, 128)},
     **{f"fig3_bs{b}_w_mdcl": CODER_FULL for b in (32, 64, 128)},
-    **{name: {"instance", "memory"} for name in ("f30k_user", "coco_user", "demo_user")},  # UTO batch, queue
+    **{name: {"instance", "memory"} for name in ("f30k_user", "coco_user", "demo_user", "world_user")},  # UTO, queue
 }
 
 
@@ -45,7 +45,7 @@ EXPECTED = {
 INSTANCE_LOSS = {"f30k_vse": "triplet", "coco_vse": "triplet", "f30k_vse_bigru": "triplet", "coco_vse_bigru": "triplet",
                  "table2_row1_btr": "triplet", "world_triplet": "triplet",
                  "table3_row1_ie": "dcl_implicit", "table3_row4_ie_mdcl": "dcl_implicit",
-                 "f30k_user": "uto", "coco_user": "uto", "demo_user": "uto"}
+                 "f30k_user": "uto", "coco_user": "uto", "demo_user": "uto", "world_user": "uto"}
 
 
 def spy_losses(monkeypatch) -> list[str]:
