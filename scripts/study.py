@@ -50,7 +50,8 @@ A study file may state the paper's `claims`, each a contrast of entries that the
 
 The block then ends with one row per claim: the contrast's mean with its 95% t interval over the seeds, their
 number, its standard error, and the verdict: "confirmed" when the interval lies above 0, "contradicted" when it
-lies below, "unresolved" otherwise (or with fewer than 2 seeds). Differences of differences (Fig. 3: does M-DCL
+lies below, "unresolved" otherwise (or with fewer than 2 seeds); "provisional" while fewer seeds than the study's
+list have finished every entry of the claim. Differences of differences (Fig. 3: does M-DCL
 shrink the fall from batch 128 to 32?) are contrasts with four entries.
 """
 from __future__ import annotations
@@ -331,6 +332,8 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
             se = None if diff.half_width is None else statistics.stdev(contrasts) / len(contrasts) ** 0.5
             verdict = ("unresolved (one seed)" if diff.half_width is None else "confirmed" if diff.low > 0
                        else "contradicted" if diff.high < 0 else "unresolved")
+            if diff.n < len(study["seeds"]):  # the study is not done: more seeds can still move it
+                verdict += f" (provisional: {diff.n} of {len(study['seeds'])} seeds)"
             cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict]
         lines.append(f"| {claim['claim']} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

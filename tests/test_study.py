@@ -389,10 +389,15 @@ def test_claims_are_contrasts_over_common_seeds_with_a_verdict(tmp_path):
     mean, sd = statistics.mean(shrink), statistics.stdev(shrink)
     half = 3.182446305284263 * sd / 2  # t_{0.975, 3}, n = 4
     assert rows["M-DCL shrinks the fall"] == ["2.6 vs 0.9", "t2i R@1", f"{mean:.1f} [{mean - half:.1f}, "
-                                              f"{mean + half:.1f}]", "4", f"{sd / 2:.1f}", "confirmed"]
-    assert rows["w/o M-DCL rises at batch 32"][-1] == "contradicted"
-    assert rows["batch 128 w against w/o"][-1] == "confirmed" and rows["batch 128 w against w/o"][3] == "4"
-    assert rows["w at 32 above w/o at 128"][-1] == "unresolved"  # 0, 0.5, 0, 0.5: the interval holds 0
+                                              f"{mean + half:.1f}]", "4", f"{sd / 2:.1f}",
+                                              "confirmed (provisional: 4 of 5 seeds)"]
+    assert rows["w/o M-DCL rises at batch 32"][-1].startswith("contradicted (provisional")
+    assert rows["batch 128 w against w/o"][-1].startswith("confirmed") and rows["batch 128 w against w/o"][3] == "4"
+    assert rows["w at 32 above w/o at 128"][-1].startswith("unresolved (")  # 0, 0.5, 0, 0.5: the interval holds 0
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "claims": claims[2:3], "runs": [
+        {"name": name, "config": "configs/demo.yaml"} for name in r1]}))
+    done = study.table(study.load_study(spec), out, [0, 1, 2, 3]).split("\n\n")[1].splitlines()[2]
+    assert done.endswith("| confirmed |")  # every seed of the study's list: no longer provisional
     assert study.finished_runs(block) == 5 + 4 + 4 + 4
     spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": {"nope": 1}}],
                                 "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
