@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 from pathlib import Path
 
 from study import StudyError, finished, load_study  # scripts/ is on sys.path when a script runs
 
 from coder.config import load_config
-from coder.stats import t_quantile
+from coder.stats import paired_t_interval
 from coder.tools.svg import Series, document, panel
 
 COLOURS = {True: "#1f77b4", False: "#ff7f0e"}
@@ -28,11 +27,10 @@ PANELS = (("t2i", "image retrieval (t2i) R@1"), ("i2t", "text retrieval (i2t) R@
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:
-    """The mean and the half-width of its 95% t interval (None from one value)."""
-    if len(values) < 2:
-        return values[0], None
-    return statistics.mean(values), t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(
-        len(values))
+    """The mean and the half-width of its 95% t interval (None from one value): the runner's paired interval
+    against zero, which is the one-sample interval of the values."""
+    interval = paired_t_interval(values, [0.0] * len(values))
+    return interval.mean, interval.half_width
 
 
 def points(study: dict, out: Path, split: str = "test") -> dict[bool, dict[int, dict[str, tuple]]]:

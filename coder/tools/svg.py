@@ -31,10 +31,10 @@ def panel(series: Sequence[Series], *, x_label: str, y_label: str, title: str = 
     ox, oy = origin
     pad = 48
     xs = [x for s in series for x, _ in s.points]
-    lows = [y - (e or 0.0) for s in series for (_, y), e in zip(s.points, list(s.errors) or [0.0] * len(s.points))]
-    highs = [y + (e or 0.0) for s in series for (_, y), e in zip(s.points, list(s.errors) or [0.0] * len(s.points))]
+    spans = [(y - (e or 0.0), y + (e or 0.0)) for s in series
+             for (_, y), e in zip(s.points, list(s.errors) or [None] * len(s.points))]
     x_lo, x_hi = min(xs), max(xs)
-    lo, hi = min(lows), max(highs)
+    lo, hi = min(low for low, _ in spans), max(high for _, high in spans)
     margin = 0.05 * (hi - lo) + 0.5
     lo, hi = lo - margin, hi + margin
 
