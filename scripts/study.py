@@ -47,17 +47,28 @@ A study file may state the paper's `claims`, each a contrast of entries that the
         paper: "+17.2 (520.9 vs 503.7)"     # what the paper shows, for the reader
         metric: test R@sum                   # a column of the table: dev R@sum, test R@sum, i2t R@1, t2i R@1, ...
         contrast: {full: 1, btr: -1}         # per seed: sum of coefficient x metric, over the seeds all finished
+        size: 17.2                           # optional: the paper's contrast, placed against the interval
 
 The block then ends with one row per claim: the contrast's mean with its 95% t interval over the seeds, their
 number, its standard error, and the verdict: "confirmed" when the interval lies above 0, "contradicted" when it
 lies below, "unresolved" otherwise (or with fewer than 2 seeds); "provisional" while fewer seeds than the study's
-list have finished every entry of the claim. Differences of differences (Fig. 3: does M-DCL
-shrink the fall from batch 128 to 32?) are contrasts with four entries.
+list have finished every entry of the claim. With `size`, a last cell says whether the paper's contrast lies
+inside the interval or above / below it: an "unresolved" sign can still rule out the paper's size. Differences of
+differences (Fig. 3: does M-DCL shrink the fall from batch 128 to 32?) are contrasts with four entries.
+
+A study file may list `diagnostics`: TensorBoard scalars of the training runs that say why a claim holds or fails
+(the diversity values of Eq. 3, each loss term, the gradient norms). A table of its own under the claims gives,
+per trained entry, each scalar's mean over the last epoch's logged steps of a run, as mean ± std over the seeds:
+
+    diagnostics:
+      - {tag: diversity/diversity_v_mean, label: "div_v mean"}
+      - {tag: loss/memory, label: "L_M-DCL"}    # a tag a run did not log (no banks) reads "–"
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -125,6 +136,7 @@ def load_study(path: Path) -> dict:
         if run.setdefault("versus", None) is not None and run["versus"] not in names:
             raise StudyError(f"{path}: runs[{i}] ('{run['name']}'): 'versus: {run['versus']}' names no entry")
     check_claims(study, path, names)
+    check_diagnostics(study, path)
     study.setdefault("seeds", [0])
     if not isinstance(study.setdefault("page", DOCS), str):
         raise StudyError(f"{path}: 'page' must be a path relative to the repository, e.g. {DOCS}")
@@ -162,6 +174,17 @@ def check_claims(study: dict, path: Path, names: set[str]) -> None:
         if unknown:
             raise StudyError(f"{path}: claims[{i}] contrast names no entry {', '.join(unknown)}")
         claim.setdefault("paper", "")
+        size = claim.setdefault("size", None)
+        if size is not None and (not isinstance(size, (int, float)) or isinstance(size, bool)):
+            raise StudyError(f"{path}: claims[{i}] 'size' must be a number (the paper's contrast), got {size!r}")
+
+
+def check_diagnostics(study: dict, path: Path) -> None:
+    """Each diagnostic names a TensorBoard scalar tag and, optionally, its column label."""
+    for i, item in enumerate(study.setdefault("diagnostics", [])):
+        if not isinstance(item, dict) or not isinstance(item.get("tag"), str):
+            raise StudyError(f"{path}: diagnostics[{i}] needs a string 'tag' (a TensorBoard scalar, e.g. loss/memory)")
+        item.setdefault("label", item["tag"])
 
 
 def run_dir(out: Path, run: dict, seed: int) -> Path:
@@ -314,19 +337,21 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells)
                      + f" | {best_epoch_cell(run, out, results)} | {time_cell} |")
-    return "\n".join(lines) + ("\n\n" + claims_table(study, done) if study["claims"] else "")
+    return "\n".join(lines) + "".join("\n\n" + part for part in (
+        claims_table(study, done) if study["claims"] else "",
+        diagnostics_table(study, out, done) if study["diagnostics"] else "") if part)
 
 
 def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
     """Markdown: each claim's contrast over the seeds every entry of it finished, interval, SE and verdict."""
-    lines = ["| claim | paper | metric | contrast, mean [95% CI] | seeds | SE | verdict |",
-             "|---|---|---|---:|---:|---:|---|"]
+    lines = ["| claim | paper | metric | contrast, mean [95% CI] | seeds | SE | verdict | paper's size vs CI |",
+             "|---|---|---|---:|---:|---:|---|---|"]
     read = dict(COLUMNS)
     for claim in study["claims"]:
         values = {name: {s: read[claim["metric"]](r) for s, r in done[name][0].items()} for name in claim["contrast"]}
         seeds = sorted(set.intersection(*(set(s for s, v in per.items() if v is not None) for per in values.values())))
         contrasts = [sum(w * values[name][s] for name, w in claim["contrast"].items()) for s in seeds]
-        cells = ["–", "0", "–", "unresolved (no seed finished every entry)"]
+        cells = ["–", "0", "–", "unresolved (no seed finished every entry)", "–"]
         if contrasts:
             diff = paired_t_interval(contrasts, [0.0] * len(contrasts))
             se = None if diff.half_width is None else statistics.stdev(contrasts) / len(contrasts) ** 0.5
@@ -334,9 +359,62 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
                        else "contradicted" if diff.high < 0 else "unresolved")
             if diff.n < len(study["seeds"]):  # the study is not done: more seeds can still move it
                 verdict += f" (provisional: {diff.n} of {len(study['seeds'])} seeds)"
-            cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict]
+            cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict,
+                     size_cell(claim["size"], diff)]
         lines.append(f"| {claim['claim']} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def last_epoch_means(folder: Path, tags: list[str]) -> dict[str, float]:
+    """{tag: mean over the last epoch's logged steps} of one finished run's TensorBoard events (all its files: a
+    resumed run's purge keeps each step once). The last epoch is the last 1/epochs of the tag's steps, the run's
+    saved train.epochs; a tag the run never logged is absent."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # only for diagnostics
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    epochs = yaml.safe_load((folder / "config.yaml").read_text())["train"]["epochs"]
+    means = {}
+    for tag in set(tags) & set(events.Tags()["scalars"]):
+        points = events.Scalars(tag)
+        start = points[-1].step * (epochs - 1) / epochs
+        means[tag] = statistics.mean(p.value for p in points if p.step > start)
+    return means
+
+
+def significant(values: list[float]) -> str:
+    """'mean ± std' to three significant digits of the mean (a diversity of 0.967, a loss of 13.7), both at its
+    decimals."""
+    if not values:
+        return "–"
+    mean = statistics.mean(values)
+    decimals = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean else 3
+    spread = f" ± {statistics.stdev(values):.{decimals}f}" if len(values) > 1 else ""
+    return f"{mean:.{decimals}f}{spread}"
+
+
+def diagnostics_table(study: dict, out: Path, done: dict[str, tuple[dict, list]]) -> str:
+    """Markdown: per trained entry, each diagnostic's last-epoch mean as mean ± std over its finished runs."""
+    items = study["diagnostics"]
+    lines = ["| run (last epoch, mean over its steps) | seeds | " + " | ".join(i["label"] for i in items) + " |",
+             "|---|" + "---:|" * (len(items) + 1)]
+    tags = [item["tag"] for item in items]
+    for run in study["runs"]:
+        if "rescore" in run:
+            continue  # no training of its own: its source's row says it
+        runs = [last_epoch_means(run_dir(out, run, seed), tags) for seed in sorted(done[run["name"]][0])]
+        cells = [significant([means[tag] for means in runs if tag in means]) for tag in tags]
+        lines.append(f"| {run['label']} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def size_cell(size: float | None, diff) -> str:
+    """Where the paper's own contrast lies against this interval: 'inside' (the runs agree with its size),
+    'above' or 'below' (they rule out an effect of that size here, whatever the verdict on its sign)."""
+    if size is None or diff.half_width is None:
+        return "–"
+    where = "above" if size > diff.high else "below" if size < diff.low else "inside"
+    return f"{size:+g}: {where}"
 
 
 def finished_runs(block: str) -> int:

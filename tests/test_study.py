@@ -390,16 +390,78 @@ def test_claims_are_contrasts_over_common_seeds_with_a_verdict(tmp_path):
     half = 3.182446305284263 * sd / 2  # t_{0.975, 3}, n = 4
     assert rows["M-DCL shrinks the fall"] == ["2.6 vs 0.9", "t2i R@1", f"{mean:.1f} [{mean - half:.1f}, "
                                               f"{mean + half:.1f}]", "4", f"{sd / 2:.1f}",
-                                              "confirmed (provisional: 4 of 5 seeds)"]
-    assert rows["w/o M-DCL rises at batch 32"][-1].startswith("contradicted (provisional")
-    assert rows["batch 128 w against w/o"][-1].startswith("confirmed") and rows["batch 128 w against w/o"][3] == "4"
-    assert rows["w at 32 above w/o at 128"][-1].startswith("unresolved (")  # 0, 0.5, 0, 0.5: the interval holds 0
+                                              "confirmed (provisional: 4 of 5 seeds)", "–"]
+    assert rows["w/o M-DCL rises at batch 32"][-2].startswith("contradicted (provisional")
+    assert rows["batch 128 w against w/o"][-2].startswith("confirmed") and rows["batch 128 w against w/o"][3] == "4"
+    assert rows["w at 32 above w/o at 128"][-2].startswith("unresolved (")  # 0, 0.5, 0, 0.5: the interval holds 0
     spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "claims": claims[2:3], "runs": [
         {"name": name, "config": "configs/demo.yaml"} for name in r1]}))
     done = study.table(study.load_study(spec), out, [0, 1, 2, 3]).split("\n\n")[1].splitlines()[2]
-    assert done.endswith("| confirmed |")  # every seed of the study's list: no longer provisional
+    assert done.endswith("| confirmed | – |")  # every seed of the study's list: no longer provisional
     assert study.finished_runs(block) == 5 + 4 + 4 + 4
     spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": {"nope": 1}}],
                                 "runs": [{"name": "a", "config": "configs/demo.yaml"}]}))
     with pytest.raises(study.StudyError, match=r"claims\[0\] contrast names no entry nope"):
         study.load_study(spec)
+
+
+def test_a_claim_places_the_papers_size_against_its_interval(tmp_path):
+    """With `size`, the claims' last cell says where the paper's contrast lies: inside the interval, or above /
+    below it (ruled out here, even when the sign is unresolved); without one, or with one seed, '–'."""
+    out = tmp_path / "runs"
+    for name, values in {"a": [1.0, 2.0, 1.5, 1.2], "b": [0.0, 0.0, 0.0, 0.0]}.items():
+        for seed, value in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + value, "i2t": {"r1": 1.0},
+                                                               "t2i": {"r1": 1.0}}))
+    contrast = {"a": 1, "b": -1}  # 1.0, 2.0, 1.5, 1.2: mean 1.425, 95% CI about [0.74, 2.11]
+    claims = [{"claim": f"size {size}", "contrast": contrast, "size": size} for size in (1.8, 3.0, 0.5)]
+    spec = tmp_path / "c.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3], "claims": claims + [{"claim": "none", "contrast": contrast}],
+                                "runs": [{"name": n, "config": "configs/demo.yaml"} for n in ("a", "b")]}))
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+            for line in study.table(study.load_study(spec), out, [0, 1, 2, 3]).split("\n\n")[1].splitlines()[2:]}
+    assert rows == {"size 1.8": "+1.8: inside", "size 3.0": "+3: above", "size 0.5": "+0.5: below", "none": "–"}
+    spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": contrast, "size": "+1.8"}],
+                                "runs": [{"name": n, "config": "configs/demo.yaml"} for n in ("a", "b")]}))
+    with pytest.raises(study.StudyError, match=r"claims\[0\] 'size' must be a number"):
+        study.load_study(spec)
+
+
+def test_diagnostics_are_last_epoch_means_of_the_runs_tensorboard_scalars(tmp_path):
+    """The diagnostics table: per trained entry, each tag's mean over the last 1/epochs of its logged steps (the
+    last epoch), as mean ± std over the seeds at three significant digits; the steps a resumed run's second event
+    file purges and logs again count once; a tag a run never logged reads '–'; a rescore entry has no row."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "runs"
+    for seed, shift in enumerate([0.0, 0.02]):
+        folder = out / "a" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+        (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 2}}))
+        first = SummaryWriter(str(folder))
+        for step in range(1, 9):  # killed after step 8; the resume purges from step 7 on and logs 7-10 again
+            first.add_scalar("diversity/diversity_v_mean", 0.5, step)
+            first.add_scalar("loss/pgc", 100.0, step)
+        first.close()
+        second = SummaryWriter(str(folder), purge_step=7)
+        for step in range(7, 11):
+            second.add_scalar("diversity/diversity_v_mean", 0.9 + shift + step / 1000, step)
+            second.add_scalar("loss/pgc", 13.0 + step / 10, step)
+        second.close()
+    spec = tmp_path / "d.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1], "diagnostics": [
+        {"tag": "diversity/diversity_v_mean", "label": "div_v"}, {"tag": "loss/pgc"}, {"tag": "loss/memory"}],
+        "runs": [{"name": "a", "label": "full", "config": "configs/demo.yaml"},
+                 {"name": "r", "rescore": "a", "set": ["eval.beta=0.9"]}]}))
+    block = study.table(study.load_study(spec), out, [0, 1])
+    lines = block.split("\n\n")[-1].splitlines()
+    assert lines[0] == "| run (last epoch, mean over its steps) | seeds | div_v | loss/pgc | loss/memory |"
+    # steps 6-10 (the last of 2 epochs of 10 steps): 6 from the first file, 7-10 from the resume's
+    last_epoch = [(0.5 + 0.907 + 0.908 + 0.909 + 0.910) / 5, (100.0 + 13.7 + 13.8 + 13.9 + 14.0) / 5]
+    div = [last_epoch[0], last_epoch[0] + 0.02 * 4 / 5]
+    pgc = last_epoch[1]
+    assert lines[2:] == [f"| full | 2 | {statistics.mean(div):.3f} ± {statistics.stdev(div):.3f} | "
+                         f"{pgc:.1f} ± 0.0 | – |"]
