@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import subprocess
@@ -372,7 +373,13 @@ def last_epoch_means(folder: Path, tags: list[str]) -> dict[str, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # only for diagnostics
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
+    quiet = logging.getLogger("tensorboard")  # it warns of every resume's purge, which is what we want it to do
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        quiet.setLevel(level)
     epochs = yaml.safe_load((folder / "config.yaml").read_text())["train"]["epochs"]
     means = {}
     for tag in set(tags) & set(events.Tags()["scalars"]):
