@@ -20,8 +20,9 @@ already exists, so a killed study continues where it stopped. The table reports,
 that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it replaces
 the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
 page), between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without
-.yaml), so one page holds several studies. Study tables live in docs/, never in a README: a README.md target is an error
-(`--readme` is the flag's former name). It refuses to replace a block with a table of fewer finished runs
+.yaml, or `--block NAME`: a second table of the same study, say over other `--seeds`), so one page holds several
+studies. Study tables live in docs/, never in a README: a README.md target is an error (`--readme` is the flag's
+former name). It refuses to replace a block with a table of fewer finished runs
 than the block holds (runs missing on disk), unless --force.
 
 An entry with `rescore: NAME` trains nothing: it evaluates entry NAME's `model_best.pth` of each seed with its own
@@ -51,10 +52,11 @@ A study file may state the paper's `claims`, each a contrast of entries that the
 
 The block then ends with one row per claim: the contrast's mean with its 95% t interval over the seeds, their
 number, its standard error, and the verdict: "confirmed" when the interval lies above 0, "contradicted" when it
-lies below, "unresolved" otherwise (or with fewer than 2 seeds); "provisional" while fewer seeds than the study's
-list have finished every entry of the claim. With `size`, a last cell says whether the paper's contrast lies
-inside the interval or above / below it: an "unresolved" sign can still rule out the paper's size. Differences of
-differences (Fig. 3: does M-DCL shrink the fall from batch 128 to 32?) are contrasts with four entries.
+lies below, "unresolved" otherwise (or with fewer than 2 seeds); "provisional" while fewer seeds than those
+tabulated (the study's list, or --seeds) have finished every entry of the claim. With `size`, a last cell says
+whether the paper's contrast lies inside the interval or above / below it: an "unresolved" sign can still rule
+out the paper's size. Differences of differences (Fig. 3: does M-DCL shrink the fall from batch 128 to 32?) are
+contrasts with four entries.
 
 A study file may list `diagnostics`: TensorBoard scalars of the training runs that say why a claim holds or fails
 (the diversity values of Eq. 3, each loss term, the gradient norms). A table of its own under the claims gives,
@@ -339,12 +341,13 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells)
                      + f" | {best_epoch_cell(run, out, results)} | {time_cell} |")
     return "\n".join(lines) + "".join("\n\n" + part for part in (
-        claims_table(study, done) if study["claims"] else "",
+        claims_table(study, done, len(seeds)) if study["claims"] else "",
         diagnostics_table(study, out, done) if study["diagnostics"] else "") if part)
 
 
-def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
-    """Markdown: each claim's contrast over the seeds every entry of it finished, interval, SE and verdict."""
+def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int) -> str:
+    """Markdown: each claim's contrast over the seeds every entry of it finished, interval, SE and verdict
+    ("provisional" until each of the `tabulated` seeds, the study's list or --seeds, has finished)."""
     lines = ["| claim | paper | metric | contrast, mean [95% CI] | seeds | SE | verdict | paper's size vs CI |",
              "|---|---|---|---:|---:|---:|---|---|"]
     read = dict(COLUMNS)
@@ -358,8 +361,8 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]]) -> str:
             se = None if diff.half_width is None else statistics.stdev(contrasts) / len(contrasts) ** 0.5
             verdict = ("unresolved (one seed)" if diff.half_width is None else "confirmed" if diff.low > 0
                        else "contradicted" if diff.high < 0 else "unresolved")
-            if diff.n < len(study["seeds"]):  # the study is not done: more seeds can still move it
-                verdict += f" (provisional: {diff.n} of {len(study['seeds'])} seeds)"
+            if diff.n < tabulated:  # the study is not done: more seeds can still move it
+                verdict += f" (provisional: {diff.n} of {tabulated} seeds)"
             cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict,
                      size_cell(claim["size"], diff)]
         lines.append(f"| {claim['claim']} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
@@ -476,6 +479,8 @@ def main(argv=None) -> int:
                         help="replace the study's block of this page by the table (default: the study file's "
                         f"`page`, else {DOCS})")
     parser.add_argument("--table-only", action="store_true", help="train nothing; tabulate what exists")
+    parser.add_argument("--block", help="with --docs: the page's block to replace (default: the study file's name); "
+                        "e.g. a second table of the same study over other --seeds")
     parser.add_argument("--force", action="store_true",
                         help="replace the docs block even with fewer finished runs than it holds")
     parser.add_argument("--log", type=Path, help="append the runs' output here (default: inherit)")
@@ -483,10 +488,11 @@ def main(argv=None) -> int:
     try:
         study = load_study(args.study)
         seeds = args.seeds or study["seeds"]
+        block_name = args.block or args.study.stem
         out = args.out or REPO / "runs" / "study"
         page = REPO / study["page"] if args.docs is True else args.docs  # a bare --docs: the study's page
         if page is not None:
-            check_docs_page(page, args.study.stem)
+            check_docs_page(page, block_name)
         if not args.table_only:
             check_configs(study, args.study)
             stream = args.log.open("a") if args.log else None
@@ -497,7 +503,7 @@ def main(argv=None) -> int:
                     train(run, seed, run_dir(out, run, seed), args.split, stream)
         block = table(study, out, seeds, args.split)
         if page is not None:
-            write_docs(page, args.study.stem, block, args.force)
+            write_docs(page, block_name, block, args.force)
     except (ValueError, subprocess.CalledProcessError) as err:  # StudyError, or the page has no such block
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -465,3 +465,30 @@ def test_diagnostics_are_last_epoch_means_of_the_runs_tensorboard_scalars(tmp_pa
     pgc = last_epoch[1]
     assert lines[2:] == [f"| full | 2 | {statistics.mean(div):.3f} ± {statistics.stdev(div):.3f} | "
                          f"{pgc:.1f} ± 0.0 | – |"]
+
+
+def test_a_second_block_of_the_same_study_over_other_seeds(tmp_path):
+    """--block NAME writes the table into another block of the page (the study's own block stays as it was), and a
+    claim is provisional against the seeds tabulated (--seeds), not the study's whole list."""
+    out = tmp_path / "runs"
+    for name, values in {"a": [3.0, 2.0, 2.5, 90.0], "b": [0.0, 0.0, 0.0, 0.0]}.items():
+        for seed, value in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + value, "i2t": {"r1": 1.0},
+                                                               "t2i": {"r1": 1.0}}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2, 3, 4], "runs": [
+        {"name": n, "config": "configs/demo.yaml"} for n in ("a", "b")],
+        "claims": [{"claim": "a above b", "contrast": {"a": 1, "b": -1}}]}))
+    page = tmp_path / "page.md"
+    own, other = study.markers("s"), study.markers("s_without_3")
+    page.write_text(f"{own[0]}\nkept\n{own[1]}\n{other[0]}\nold\n{other[1]}\n")
+    assert study.main([str(spec), "--out", str(out), "--table-only", "--seeds", "0", "1", "2",
+                       "--docs", str(page), "--block", "s_without_3"]) == 0
+    text = page.read_text()
+    assert f"{own[0]}\nkept\n{own[1]}" in text
+    block = text.split(other[0])[1].split(other[1])[0]
+    assert "| a above b |  | test R@sum | 2.5 [1.3, 3.7] | 3 | 0.3 | confirmed | – |" in block  # all 3 of 3
+    assert study.main([str(spec), "--out", str(out), "--table-only", "--docs", str(page)]) == 0
+    assert "unresolved (provisional: 4 of 5 seeds)" in page.read_text().split(own[0])[1].split(own[1])[0]
