@@ -2,7 +2,7 @@
 paired difference of every group against the first (same seed, same data order) as mean ± standard error.
 
     python scripts/seed_curve.py triplet=runs/seedcurve/triplet coder=runs/seedcurve/coder \
-        [--docs [docs/studies.md]] [--block seed_curve]
+        [--docs [docs/studies.md]] [--block seed_curve] [--seeds 0 1 2]
 
 A group is LABEL=FOLDER, its runs FOLDER/seed<k>/ as scripts/study.py lays them out. Dev R@sum per epoch is
 read from each run's TensorBoard tag `dev/rsum` (one value per epoch, the last one logged if a resumed run
@@ -50,12 +50,13 @@ def read_run(folder: Path) -> tuple[dict, list[float]]:
     return scores, durations
 
 
-def read_group(folder: Path) -> tuple[dict[int, dict], list[float]]:
-    """{seed: scores} over FOLDER/seed<k>/ and the group's epoch durations (s) between consecutive dev evals."""
+def read_group(folder: Path, seeds: set[int] | None = None) -> tuple[dict[int, dict], list[float]]:
+    """{seed: scores} over FOLDER/seed<k>/ (only the `seeds` given, if any) and the group's epoch durations (s)
+    between consecutive dev evals."""
     runs, durations = {}, []
     for run in sorted(folder.glob("seed*")):
         match = re.fullmatch(r"seed(\d+)", run.name)
-        if match and run.is_dir():
+        if match and run.is_dir() and (seeds is None or int(match.group(1)) in seeds):
             runs[int(match.group(1))], seconds = read_run(run)
             durations += seconds
     return runs, durations
@@ -81,9 +82,10 @@ def paired(reference: dict[int, dict], other: dict[int, dict], key) -> str:
     return f"{statistics.mean(deltas):+.1f} ± {se:.1f} ({len(deltas)})"
 
 
-def table(groups: dict[str, Path]) -> str:
-    """Markdown: one row per epoch and a test row; per group mean ± std (n), per other group Δ ± SE (n)."""
-    data = {label: read_group(folder) for label, folder in groups.items()}
+def table(groups: dict[str, Path], seeds: set[int] | None = None) -> str:
+    """Markdown: one row per epoch and a test row; per group mean ± std (n), per other group Δ ± SE (n); over the
+    `seeds` given, else every seed folder."""
+    data = {label: read_group(folder, seeds) for label, folder in groups.items()}
     labels = list(groups)
     ref = labels[0]
     epochs = sorted({k for runs, _ in data.values() for r in runs.values() for k in r if k != TEST})
@@ -113,13 +115,14 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", "--readme", dest="docs", type=Path, nargs="?", const=DOCS, metavar="FILE",
                         help="replace the block of this page by the table (default docs/studies.md)")
     parser.add_argument("--block", default="seed_curve", help="the page's block name (default seed_curve)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed<k> folder)")
     args = parser.parse_args(argv)
     groups = dict(args.groups)
     missing = [str(f) for f in groups.values() if not f.is_dir()]
     if missing:
         print(f"error: no run folder {', '.join(missing)}", file=sys.stderr)
         return 2
-    block = table(groups)
+    block = table(groups, set(args.seeds) if args.seeds else None)
     if args.docs:
         try:
             check_docs_page(args.docs, args.block)  # StudyError: a README, or no such page or block

@@ -89,3 +89,15 @@ def test_docs_block_replaced_and_missing_folder_is_an_error(tmp_path, capsys):
     assert "not into a README" in capsys.readouterr().err and "old" in readme.read_text()
     assert seed_curve.main(["a=" + str(tmp_path / "nowhere")]) == 2
     assert "no run folder" in capsys.readouterr().err
+
+
+def test_seeds_restrict_every_group_and_their_pairs(tmp_path):
+    """--seeds: only those seed folders count, in the means and in the pairs (seed 3 of b, a far outlier, gone)."""
+    lines = seed_curve.table(fake_runs(tmp_path), {0, 2, 3}).splitlines()
+    row = next(line for line in lines if line.startswith("| test (best dev) |")).strip("|").split(" | ")
+    a, b = [TEST["a"][s] for s in (0, 2)], [TEST["b"][s] for s in (0, 2, 3)]
+    assert row[1].strip() == "{:.1f} ± {:.1f} (2)".format(*direct_mean_std(a))
+    assert row[2].strip() == "{:.1f} ± {:.1f} (3)".format(*direct_mean_std(b))
+    deltas = [TEST["b"][s] - TEST["a"][s] for s in (0, 2)]
+    mean, std = direct_mean_std(deltas)
+    assert row[3].strip() == f"{mean:+.1f} ± {std / math.sqrt(2):.1f} (2)"
