@@ -4,19 +4,17 @@ paired difference of every group against the first (same seed, same data order) 
     python scripts/seed_curve.py triplet=runs/seedcurve/triplet coder=runs/seedcurve/coder \
         [--docs [docs/studies.md]] [--block seed_curve] [--seeds 0 1 2]
 
-A group is LABEL=FOLDER, its runs FOLDER/seed<k>/ as scripts/study.py lays them out. Dev R@sum per epoch is
-read from each run's TensorBoard tag `dev/rsum` (one value per epoch, the last one logged if a resumed run
-logged an epoch twice); the last row is test R@sum of the dev-selected checkpoint (eval_test.json), at the
-epoch count the run was trained to. A paired difference uses only the seeds both groups have at that epoch.
-`s / epoch` is the median wall time between consecutive dev evaluations of one process (one epoch of training
-plus one dev evaluation), as the run measured it on its machine. With --docs, the table replaces the block
+A group is LABEL=FOLDER, its runs FOLDER/seed<k>/ as scripts/study.py lays them out. Dev R@sum per epoch is read from
+each run's record (scripts/run_record.py), made from its TensorBoard tag `dev/rsum` (one value per epoch, the last one
+logged if a resumed run logged an epoch twice); the last row is test R@sum of the dev-selected checkpoint
+(eval_test.json), at the epoch count the run was trained to. A paired difference uses only the seeds both groups have at
+that epoch. `s / epoch` is the median wall time between consecutive dev evaluations of one process (one epoch of
+training plus one dev evaluation), as the run measured it on its machine. With --docs, the table replaces the block
 `<!-- study:NAME:start -->` ... `<!-- study:NAME:end -->` (NAME from --block) of docs/studies.md (`--docs FILE`: of
-another page; never of a README; `--readme` is the flag's former name).
-"""
+another page; never of a README; `--readme` is the flag's former name)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -24,30 +22,24 @@ import sys
 from pathlib import Path
 
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
+from run_record import DEV_TAG, scalars
+from run_record import read as read_record
 from study import DOCS, StudyError, check_docs_page, markers
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-TAG = "dev/rsum"
 TEST = "test"  # the row key of the test R@sum (best-dev checkpoint)
 
 
 def read_run(folder: Path) -> tuple[dict, list[float]]:
     """{epoch (1-based): dev R@sum, 'test': test R@sum} of one run, and the seconds between its consecutive dev
-    evaluations within one process (each resume starts a new event file; its restart is not an epoch's time)."""
-    scores, durations = {}, []
-    for path in sorted(folder.glob("events.out.tfevents.*")):  # names start with the creation time: file order
-        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        events.Reload()
-        stamps = []
-        if TAG in events.Tags()["scalars"]:
-            for event in events.Scalars(TAG):  # a later file's value of an epoch replaces an earlier one's
-                scores[event.step + 1] = event.value
-                stamps.append(event.wall_time)
-        durations += [b - a for a, b in zip(stamps, stamps[1:])]
-    test = folder / "eval_test.json"
-    if test.is_file():
-        scores[TEST] = json.loads(test.read_text())["rsum"]
-    return scores, durations
+    evaluations within one process: a finished run's record (scripts/run_record.py), else its events so far."""
+    record = read_record(folder)
+    if record is None:  # still training: its dev curve so far
+        points, durations = scalars(folder)
+        return {step + 1: value for step, value in points.get(DEV_TAG, [])}, durations
+    scores = {int(epoch): value for epoch, value in record["dev_rsum"].items()}
+    if "test" in record["eval"]:
+        scores[TEST] = record["eval"]["test"]["rsum"]
+    return scores, record["epoch_seconds"]
 
 
 def read_group(folder: Path, seeds: set[int] | None = None) -> tuple[dict[int, dict], list[float]]:

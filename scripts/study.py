@@ -15,15 +15,16 @@ A study file (YAML) names its entries:
         config: configs/demo.yaml
         set: [loss.instance=triplet, loss.instance_weight=1.0]   # --set overrides, as on train.py
 
-Runs are sequential (timings stay honest on a small machine) and skipped when their eval_<split>.json
-already exists, so a killed study continues where it stopped. The table reports, per entry, the dev R@sum
-that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it replaces
-the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
-page), between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without
-.yaml, or `--block NAME`: a second table of the same study, say over other `--seeds`), so one page holds several
-studies. Study tables live in docs/, never in a README: a README.md target is an error (`--readme` is the flag's
-former name). It refuses to replace a block with a table of fewer finished runs
-than the block holds (runs missing on disk), unless --force.
+Runs are sequential (timings stay honest on a small machine) and skipped once finished (their eval_<split>.json exists,
+or their record.json holds it), so a killed study continues where it stopped. A finished run's numbers go to its
+record.json (scripts/run_record.py), which an archive of records can restore on another machine. The table reports, per
+entry, the dev R@sum that selected the checkpoint and the test metrics, as mean ± sample std over seeds; with --docs it
+replaces the study's own block in its page (the study file's `page`, default docs/studies.md; `--docs FILE`: in another
+page), between `<!-- study:NAME:start -->` and `<!-- study:NAME:end -->` (NAME: the study file's name without .yaml, or
+`--block NAME`: a second table of the same study, say over other `--seeds`), so one page holds several studies. Study
+tables live in docs/, never in a README: a README.md target is an error (`--readme` is the flag's former name). It
+refuses to replace a block with a table of fewer finished runs than the block holds (runs missing on disk), unless
+--force.
 
 An entry with `rescore: NAME` trains nothing: it evaluates entry NAME's `model_best.pth` of each seed with its own
 `set` (eval or data keys, e.g. `eval.beta=0.9`) through evaluate.py, after the training entries; its dev column
@@ -70,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import statistics
 import subprocess
@@ -80,6 +80,9 @@ from pathlib import Path
 
 import yaml
 from results_table import replace_block  # scripts/ is on sys.path when a script runs
+from run_record import RECORD
+from run_record import build as build_record
+from run_record import read as read_record
 
 from coder.checkpoint import upgrade_config
 from coder.config import ConfigError, load_config
@@ -201,8 +204,10 @@ def settings(run: dict) -> dict:
 
 def check_shared(run: dict, folder: Path) -> None:
     """Refuse to reuse a finished run that another study made under the same name with other settings."""
-    record = folder / "study_run.json"
-    stored = json.loads(record.read_text()).get("settings") if record.is_file() else None
+    record = read_record(folder) or {}
+    study_run = folder / "study_run.json"  # an unfinished run's (a killed rescore's) settings are here alone
+    stored = record.get("settings") or (json.loads(study_run.read_text()).get("settings")
+                                        if study_run.is_file() else None)
     if stored is not None and stored != settings(run):
         raise StudyError(f"{folder} was made with {stored}, entry '{run['name']}' asks for {settings(run)}: "
                          "rename the entry or pass another --out")
@@ -210,12 +215,16 @@ def check_shared(run: dict, folder: Path) -> None:
 
 def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     """One train.py run in a subprocess (resumed if it was killed), or for a `rescore` entry one evaluate.py run
-    of the source's checkpoint of this seed; its wall time goes to study_run.json."""
+    of the source's checkpoint of this seed; its wall time goes to study_run.json, and what the tables read of
+    the finished run to its record.json (scripts/run_record.py)."""
     check_shared(run, folder)
-    if (folder / f"eval_{split}.json").is_file():
-        return  # finished in an earlier invocation
+    if split in (read_record(folder) or {}).get("eval", {}):
+        return  # finished in an earlier invocation, or restored from an archive of records
     if "rescore" in run:
         source = folder.parent.parent / run["rescore"] / f"seed{seed}" / "model_best.pth"
+        if not source.is_file():
+            raise StudyError(f"{source} is missing: entry '{run['name']}' rescores it (a run restored from an "
+                             "archive has its record but no checkpoint; train it again to rescore it)")
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(source), "--output", str(folder),
                    "--split", split, "--no-progress"]
@@ -229,7 +238,14 @@ def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     subprocess.run(command, check=True, cwd=REPO, stdout=stream, stderr=stream)
     seconds = time.perf_counter() - tic
     (folder / "study_run.json").write_text(json.dumps({"seconds": seconds, "command": command[1:],
-                                                       "settings": settings(run)}, indent=2))
+                                                       "settings": settings(run), "commit": commit()}, indent=2))
+    (folder / RECORD).write_text(json.dumps(build_record(folder, run["name"], seed), indent=1))
+
+
+def commit() -> str | None:
+    """The code's git commit, for a run's record (None outside a git checkout)."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def mean_std(values: list[float]) -> str:
@@ -245,15 +261,18 @@ def mean_std(values: list[float]) -> str:
 def finished(run: dict, out: Path, seeds: list[int], split: str) -> tuple[dict[int, dict], list[float]]:
     """{seed: eval json} of the seeds whose run finished, and their wall times."""
     results, seconds = {}, []
-    for seed in seeds:
-        folder = run_dir(out, run, seed)
-        path = folder / f"eval_{split}.json"
-        if path.is_file():
-            results[seed] = json.loads(path.read_text())
-            timing = folder / "study_run.json"
-            if timing.is_file():
-                seconds.append(json.loads(timing.read_text())["seconds"])
+    for seed, record in records(run, out, seeds).items():
+        if split in record["eval"]:
+            results[seed] = record["eval"][split]
+            if record["seconds"] is not None:
+                seconds.append(record["seconds"])
     return results, seconds
+
+
+def records(run: dict, out: Path, seeds) -> dict[int, dict]:
+    """{seed: record} of the entry's finished runs (scripts/run_record.py)."""
+    found = {seed: read_record(run_dir(out, run, seed)) for seed in seeds}
+    return {seed: record for seed, record in found.items() if record is not None}
 
 
 def interval_text(diff) -> str:
@@ -304,11 +323,8 @@ def best_epoch_cell(run: dict, out: Path, results: dict[int, dict]) -> str:
     if not best:
         return "–"
     cell = f"{statistics.median(best.values()):g} [{min(best.values())}–{max(best.values())}]"
-    last = []
-    for seed, epoch in best.items():
-        saved = run_dir(out, run, seed) / "config.yaml"
-        if saved.is_file():
-            last.append(epoch == yaml.safe_load(saved.read_text())["train"]["epochs"] - 1)
+    epochs = {seed: record["epochs"] for seed, record in records(run, out, best).items()}
+    last = [epoch == epochs[seed] - 1 for seed, epoch in best.items() if epochs.get(seed) is not None]
     return cell + (f", last {sum(last)}/{len(last)}" if last else "")
 
 
@@ -369,29 +385,6 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int
     return "\n".join(lines)
 
 
-def last_epoch_means(folder: Path, tags: list[str]) -> dict[str, float]:
-    """{tag: mean over the last epoch's logged steps} of one finished run's TensorBoard events (all its files: a
-    resumed run's purge keeps each step once). The last epoch is the last 1/epochs of the tag's steps, the run's
-    saved train.epochs; a tag the run never logged is absent."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # only for diagnostics
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    quiet = logging.getLogger("tensorboard")  # it warns of every resume's purge, which is what we want it to do
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        events.Reload()
-    finally:
-        quiet.setLevel(level)
-    epochs = yaml.safe_load((folder / "config.yaml").read_text())["train"]["epochs"]
-    means = {}
-    for tag in set(tags) & set(events.Tags()["scalars"]):
-        points = events.Scalars(tag)
-        start = points[-1].step * (epochs - 1) / epochs
-        means[tag] = statistics.mean(p.value for p in points if p.step > start)
-    return means
-
-
 def significant(values: list[float]) -> str:
     """'mean ± std' to three significant digits of the mean (a diversity of 0.967, a loss of 13.7), both at its
     decimals."""
@@ -412,7 +405,8 @@ def diagnostics_table(study: dict, out: Path, done: dict[str, tuple[dict, list]]
     for run in study["runs"]:
         if "rescore" in run:
             continue  # no training of its own: its source's row says it
-        runs = [last_epoch_means(run_dir(out, run, seed), tags) for seed in sorted(done[run["name"]][0])]
+        # each scalar's mean over the last epoch's logged steps of a run (its record's `last_epoch`)
+        runs = [record["last_epoch"] for seed, record in sorted(records(run, out, done[run["name"]][0]).items())]
         cells = [significant([means[tag] for means in runs if tag in means]) for tag in tags]
         lines.append(f"| {run['label']} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -40,6 +40,9 @@ def test_study_runs_every_seed_and_tabulates(tiny_coder_data, tiny_bert_dir, tmp
         stored = [yaml.safe_load((out / name / f"seed{s}" / "config.yaml").read_text())["train"]["seed"]
                   for s in (0, 1)]
         assert stored == [0, 1], f"{name}: seeds were not passed to train.py"
+        record = json.loads((out / name / "seed1" / "record.json").read_text())  # what an archive keeps
+        assert record["eval"]["test"] == runs[1] and record["name"] == name and record["seed"] == 1
+        assert len(record["dev_rsum"]) == 1 and record["seconds"] > 0 and len(record["commit"] or "0" * 40) == 40
     table = capsys.readouterr().out
     rsums = [r["rsum"] for r in results["triplet"]]
     expected = f"{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}"

@@ -1,0 +1,131 @@
+"""scripts/run_record.py: a finished run's record carries every number the study tables and seed curves read, so
+that runs archived on one machine and restored on another (their folders gone) tabulate exactly as before, are
+not trained again, and are never silently replaced."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import run_record  # noqa: E402
+import seed_curve  # noqa: E402
+import study  # noqa: E402
+
+ENTRY = {"name": "full", "label": "full CODER", "config": "configs/demo.yaml", "set": ["loss.mu=0.1"]}
+BASE = {"name": "base", "label": "triplet", "config": "configs/demo.yaml", "set": ["loss.instance=triplet"]}
+
+
+def write_run(folder: Path, entry: dict, seed: int, resumed: bool) -> None:
+    """A finished run as train.py and the runner leave it: eval json, saved config, wall time, and two event files
+    when it was killed after epoch 2 and resumed from its epoch-1 checkpoint (epoch 2 logged twice)."""
+    folder.mkdir(parents=True)
+    shift = 10.0 * seed + (5.0 if entry is ENTRY else 0.0)
+    recalls = {"r1": 70.0 + shift / 10, "r5": 90.0, "r10": 95.0}
+    (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + shift, "i2t": recalls, "t2i": recalls,
+                                                       "best_epoch": 1 + seed % 2, "best_dev_rsum": 510.0 + shift}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 3, "seed": seed}}))
+    (folder / "study_run.json").write_text(json.dumps({"seconds": 60.0 + seed, "settings": study.settings(entry)}))
+    for part, (epochs, start) in enumerate([((0, 1), 100.0), ((1, 2), 900.0)] if resumed else [((0, 1, 2), 100.0)]):
+        scratch = folder / f"writer{part}"
+        writer = SummaryWriter(str(scratch))
+        for k, epoch in enumerate(epochs):
+            writer.add_scalar("dev/rsum", 400.0 + shift + 10 * epoch + part, epoch, walltime=start + 30.0 * k)
+            for step in range(4 * epoch + 1, 4 * epoch + 5):
+                writer.add_scalar("loss/pgc", 20.0 - step - part + shift, step, walltime=start + 30.0 * k)
+        writer.close()
+        (created,) = scratch.iterdir()
+        created.rename(folder / f"events.out.tfevents.{part}")  # real names start with the creation time: in order
+        scratch.rmdir()
+
+
+def make_study(tmp_path: Path) -> tuple[dict, Path]:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({
+        "seeds": [0, 1, 2], "reference": "base", "runs": [BASE, ENTRY],
+        "claims": [{"claim": "full above base", "paper": "+1", "metric": "test R@sum",
+                    "contrast": {"full": 1, "base": -1}}],
+        "diagnostics": [{"tag": "loss/pgc", "label": "L_PGC"}]}))
+    out = tmp_path / "runs"
+    for entry in (BASE, ENTRY):
+        for seed in (0, 1, 2):
+            write_run(out / entry["name"] / f"seed{seed}", entry, seed, resumed=seed == 1)
+    return study.load_study(spec), out
+
+
+def tables(spec: dict, out: Path) -> tuple[str, str]:
+    return study.table(spec, out, [0, 1, 2]), seed_curve.table({"base": out / "base", "full": out / "full"})
+
+
+def test_restored_records_tabulate_as_the_run_folders_did(tmp_path):
+    """Study table (paired columns, claims, best epoch, wall time, diagnostics) and seed curves, from the folders
+    and then from an archive restored onto a machine that never had them: the same text."""
+    spec, out = make_study(tmp_path)
+    before = tables(spec, out)
+    assert "| full CODER | 3 |" in before[0] and "L_PGC" in before[0] and "last 1/3" in before[0]
+    archive = tmp_path / "records" / "world.jsonl"
+    assert run_record.main(["save", "--out", str(out), "--archive", str(archive)]) == 0
+    assert len(archive.read_text().splitlines()) == 6
+    assert run_record.save(out, archive) == 0  # saving again adds nothing and changes nothing
+    shutil.rmtree(out)
+    elsewhere = tmp_path / "elsewhere"
+    assert run_record.restore(elsewhere, archive) == 6
+    assert sorted(p.name for p in (elsewhere / "full" / "seed1").iterdir()) == ["record.json"]
+    assert tables(spec, elsewhere) == before
+
+
+def test_the_record_reads_a_resumed_runs_events_once_per_step(tmp_path):
+    """Epoch 2 (step 1) of the resumed run is the second process's value; the last epoch's mean of a scalar is over
+    steps 9-12 of its 12, the resume's; the seconds between dev evaluations never span the restart."""
+    folder = tmp_path / "full" / "seed1"
+    write_run(folder, ENTRY, 1, resumed=True)
+    record = run_record.read(folder)
+    assert record["dev_rsum"] == {"1": 415.0, "2": 426.0, "3": 436.0}
+    assert record["epoch_seconds"] == [30.0, 30.0]
+    assert record["last_epoch"]["loss/pgc"] == pytest.approx(sum(20.0 - s - 1 + 15.0 for s in range(9, 13)) / 4)
+    assert record["epochs"] == 3 and record["settings"] == study.settings(ENTRY) and record["seconds"] == 61.0
+
+
+def test_an_archive_never_replaces_a_run_with_another(tmp_path, capsys):
+    spec, out = make_study(tmp_path)
+    archive = tmp_path / "world.jsonl"
+    run_record.save(out, archive)
+    result = out / "full" / "seed2" / "eval_test.json"
+    result.write_text(result.read_text().replace("525.0", "526.0"))  # the same run made again, another number
+    assert run_record.main(["save", "--out", str(out), "--archive", str(archive)]) == 2
+    assert "full/seed2: its record differs from" in capsys.readouterr().err
+    assert run_record.restore(out, archive) == 0  # a folder holding a finished run keeps it
+    assert json.loads(result.read_text())["rsum"] == 526.0
+    archive.write_text(archive.read_text() + "not json\n")
+    assert run_record.main(["restore", "--out", str(tmp_path / "x"), "--archive", str(archive)]) == 2
+    assert f"{archive}:7: not a run record" in capsys.readouterr().err
+
+
+def test_a_restored_run_is_not_trained_again_and_cannot_be_rescored(tmp_path, monkeypatch, capsys):
+    """The runner counts a restored record as finished (no train.py); an entry rescoring it needs its checkpoint,
+    which the record does not carry: a one-line error naming the file."""
+    spec, out = make_study(tmp_path)
+    archive = tmp_path / "world.jsonl"
+    run_record.save(out, archive)
+    shutil.rmtree(out)
+    run_record.restore(out, archive)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError(f"a restored run was run again: {args}")
+
+    monkeypatch.setattr(study.subprocess, "run", no_run)
+    path = tmp_path / "s.yaml"
+    assert study.main([str(path), "--out", str(out)]) == 0
+    capsys.readouterr()
+    rescore = {"name": "fused", "rescore": "full", "set": ["eval.beta=0.9"]}
+    path.write_text(json.dumps({"seeds": [0], "runs": [ENTRY, rescore]}))
+    assert study.main([str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "full/seed0/model_best.pth is missing: entry 'fused' rescores it" in err
+    spec_other = {**ENTRY, "set": ["loss.mu=0.2"]}  # a restored record keeps its settings: no reuse under others
+    path.write_text(json.dumps({"seeds": [0], "runs": [spec_other]}))
+    assert study.main([str(path), "--out", str(out)]) == 2
+    assert "entry 'full' asks for" in capsys.readouterr().err
