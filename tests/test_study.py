@@ -408,16 +408,21 @@ def test_claims_are_contrasts_over_common_seeds_with_a_verdict(tmp_path):
         study.load_study(spec)
 
 
-def test_a_claim_places_the_papers_size_against_its_interval(tmp_path):
-    """With `size`, the claims' last cell says where the paper's contrast lies: inside the interval, or above /
-    below it (ruled out here, even when the sign is unresolved); without one, or with one seed, '–'."""
-    out = tmp_path / "runs"
-    for name, values in {"a": [1.0, 2.0, 1.5, 1.2], "b": [0.0, 0.0, 0.0, 0.0]}.items():
-        for seed, value in enumerate(values):
+def write_rsums(out: Path, values: dict[str, list[float]]) -> None:
+    """Finished runs out/NAME/seed<k> whose test R@sum is 500 + the k-th value."""
+    for name, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
             folder = out / name / f"seed{seed}"
             folder.mkdir(parents=True)
             (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + value, "i2t": {"r1": 1.0},
                                                                "t2i": {"r1": 1.0}}))
+
+
+def test_a_claim_places_the_papers_size_against_its_interval(tmp_path):
+    """With `size`, the claims' last cell says where the paper's contrast lies: inside the interval, or above /
+    below it (ruled out here, even when the sign is unresolved); without one, or with one seed, '–'."""
+    out = tmp_path / "runs"
+    write_rsums(out, {"a": [1.0, 2.0, 1.5, 1.2], "b": [0.0, 0.0, 0.0, 0.0]})
     contrast = {"a": 1, "b": -1}  # 1.0, 2.0, 1.5, 1.2: mean 1.425, 95% CI about [0.74, 2.11]
     claims = [{"claim": f"size {size}", "contrast": contrast, "size": size} for size in (1.8, 3.0, 0.5)]
     spec = tmp_path / "c.yaml"
@@ -474,12 +479,7 @@ def test_a_second_block_of_the_same_study_over_other_seeds(tmp_path):
     """--block NAME writes the table into another block of the page (the study's own block stays as it was), and a
     claim is provisional against the seeds tabulated (--seeds), not the study's whole list."""
     out = tmp_path / "runs"
-    for name, values in {"a": [3.0, 2.0, 2.5, 90.0], "b": [0.0, 0.0, 0.0, 0.0]}.items():
-        for seed, value in enumerate(values):
-            folder = out / name / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "eval_test.json").write_text(json.dumps({"rsum": 500.0 + value, "i2t": {"r1": 1.0},
-                                                               "t2i": {"r1": 1.0}}))
+    write_rsums(out, {"a": [3.0, 2.0, 2.5, 90.0], "b": [0.0, 0.0, 0.0, 0.0]})
     spec = tmp_path / "s.yaml"
     spec.write_text(json.dumps({"seeds": [0, 1, 2, 3, 4], "runs": [
         {"name": n, "config": "configs/demo.yaml"} for n in ("a", "b")],
