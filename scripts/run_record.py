@@ -11,11 +11,11 @@ the repository keeps as the evidence behind the studies' pages; `restore` writes
 tabulates it as if its folder were whole. A restored run has no checkpoint: an entry that rescores it
 (`rescore:`) needs the run's folder itself.
 
-A record holds the run's name and seed, the settings it was made with (the study entry's config, rescore and
-set), its wall time, the eval_<split>.json of each split it was evaluated on, its train.epochs, its dev R@sum per
-epoch and the seconds between consecutive dev evaluations (the seed curves), and the last-epoch mean of each
-TensorBoard scalar it logged (the diagnostics). Archiving a run whose record differs from the archive's is an
-error: a run is made once.
+A record holds the run's name and seed, the settings it was made with (the study entry's config, rescore and set),
+its wall time (none for a run resumed after a kill: the runner timed only its last part), the eval_<split>.json of
+each split it was evaluated on, its train.epochs, its dev R@sum per epoch and the seconds between consecutive dev
+evaluations (the seed curves), and the last-epoch mean of each TensorBoard scalar it logged (the diagnostics).
+Archiving a run whose record differs from the archive's is an error: a run is made once.
 """
 from __future__ import annotations
 
@@ -86,7 +86,10 @@ def build(folder: Path, name: str, seed: int) -> dict | None:
     config = folder / "config.yaml"  # a rescoring run has none: it trains nothing
     epochs = yaml.safe_load(config.read_text())["train"]["epochs"] if config.is_file() else None
     points, durations = scalars(folder)
-    return {"name": name, "seed": seed, "settings": timing.get("settings"), "seconds": timing.get("seconds"),
+    processes = len(list(folder.glob("events.out.tfevents.*")))  # each start of train.py opens one
+    # the runner times its last invocation only: a run resumed after a kill took longer than that
+    seconds = timing.get("seconds") if processes <= 1 else None
+    return {"name": name, "seed": seed, "settings": timing.get("settings"), "seconds": seconds,
             "commit": timing.get("commit"), "eval": evals, "epochs": epochs,
             "dev_rsum": {str(step + 1): value for step, value in points.get(DEV_TAG, [])},
             "epoch_seconds": durations,

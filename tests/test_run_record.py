@@ -79,14 +79,19 @@ def test_restored_records_tabulate_as_the_run_folders_did(tmp_path):
 
 def test_the_record_reads_a_resumed_runs_events_once_per_step(tmp_path):
     """Epoch 2 (step 1) of the resumed run is the second process's value; the last epoch's mean of a scalar is over
-    steps 9-12 of its 12, the resume's; the seconds between dev evaluations never span the restart."""
+    steps 9-12 of its 12, the resume's; the seconds between dev evaluations never span the restart, and the run's
+    wall time, which the runner measured over its last process only, is left out."""
     folder = tmp_path / "full" / "seed1"
     write_run(folder, ENTRY, 1, resumed=True)
     record = run_record.read(folder)
     assert record["dev_rsum"] == {"1": 415.0, "2": 426.0, "3": 436.0}
     assert record["epoch_seconds"] == [30.0, 30.0]
     assert record["last_epoch"]["loss/pgc"] == pytest.approx(sum(20.0 - s - 1 + 15.0 for s in range(9, 13)) / 4)
-    assert record["epochs"] == 3 and record["settings"] == study.settings(ENTRY) and record["seconds"] == 61.0
+    assert record["epochs"] == 3 and record["settings"] == study.settings(ENTRY)
+    assert record["seconds"] is None  # the runner timed its last part only: no wall time rather than a short one
+    whole = tmp_path / "full" / "seed2"
+    write_run(whole, ENTRY, 2, resumed=False)
+    assert run_record.read(whole)["seconds"] == 62.0
 
 
 def test_an_archive_never_replaces_a_run_with_another(tmp_path, capsys):
