@@ -107,8 +107,9 @@ def read(folder: Path) -> dict | None:
 
 
 def write(path: Path, text: str) -> None:
-    """Atomically: a killed save leaves the old file, never half of a new one."""
-    partial = path.with_name(path.name + ".partial")
+    """Atomically: a killed save leaves the old file, never half of a new one (a name of its own per process: two
+    queues may restore the same record at once)."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_text(text)
     os.replace(partial, path)
 

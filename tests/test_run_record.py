@@ -134,3 +134,37 @@ def test_a_restored_run_is_not_trained_again_and_cannot_be_rescored(tmp_path, mo
     path.write_text(json.dumps({"seeds": [0], "runs": [spec_other]}))
     assert study.main([str(path), "--out", str(out)]) == 2
     assert "entry 'full' asks for" in capsys.readouterr().err
+
+
+def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monkeypatch):
+    """scripts/world_queue.py: Table 2 and fusion's rescoring seed by seed (the rescoring needs the checkpoint its
+    machine trained), then Fig. 3, Table 3 and the tuning; restored runs are finished before the first study starts,
+    and the archive holds each study's runs as soon as it ends."""
+    import world_queue
+
+    spec, out = make_study(tmp_path)
+    archive = tmp_path / "world.jsonl"
+    run_record.save(out, archive)
+    shutil.rmtree(out)
+    calls = []
+
+    def fake_study(argv):
+        assert run_record.read(out / "full" / "seed0") is not None, "the archive was not restored first"
+        calls.append((Path(argv[0]).stem, argv[argv.index("--seeds") + 1], argv[argv.index("--only") + 1:]
+                      if "--only" in argv else []))
+        folder = out / "made" / f"seed{len(calls)}"
+        write_run(folder, ENTRY, len(calls), resumed=False)
+        return 0
+
+    monkeypatch.setattr(world_queue.study, "main", fake_study)
+    saved = []
+    monkeypatch.setattr(world_queue, "save", lambda o, a: saved.append(len(calls)) or run_record.save(o, a))
+    assert world_queue.main(["--seeds", "4", "6", "--tuning-seeds", "4", "--out", str(out),
+                             "--archive", str(archive)]) == 0
+    fusion = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]
+    assert calls == [("world_table2", "4", []), ("world_fusion", "4", fusion), ("world_table2", "6", []),
+                     ("world_fusion", "6", fusion), ("world_fig3", "4", []), ("world_fig3", "6", []),
+                     ("world_table3", "4", []), ("world_table3", "6", []), ("world_tuning", "4", [])]
+    assert saved == list(range(1, 10)) and len(run_record.load_archive(archive)) == 6 + 9
+    assert set(world_queue.FUSION) <= {run["name"] for run in study.load_study(
+        study.REPO / "studies" / "world_fusion.yaml")["runs"]}

@@ -1,0 +1,66 @@
+"""One queue of the study world's runs (docs/study-world.md, "Running the studies"): start one per core.
+
+    python scripts/world_queue.py --seeds 0 2 4 6 8 --tuning-seeds 0 2 4 &
+    python scripts/world_queue.py --seeds 1 3 5 7 9 --tuning-seeds 1 3 &
+
+Each run is train.py on one thread. The queue first restores the archive of finished runs' records
+(scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2 and fusion's
+rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds), then Fig. 3 and
+Table 3 seed by seed, then the tuning grid; after each study of each seed it saves the finished runs into the
+archive, so a machine that stops loses only the runs in flight (their folders resume where they stopped while the
+machine lasts). Both queues save into the same archive, one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+import run_record
+import study
+
+ARCHIVE = study.REPO / "studies" / "records" / "world.jsonl"
+FUSION = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]  # rescorings of #5; the dev-chosen beta is #5 itself
+
+
+def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str] | None]]:
+    """(study file's name, seed, --only entries) in the order the queue runs them."""
+    order = [step for seed in seeds for step in (("world_table2", seed, None), ("world_fusion", seed, FUSION))]
+    order += [(name, seed, None) for name in ("world_fig3", "world_table3") for seed in seeds]
+    return order + [("world_tuning", seed, None) for seed in tuning_seeds]
+
+
+def save(out: Path, archive: Path) -> None:
+    """The finished runs into the archive, under a lock: the other queue saves into the same file."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "archive.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run_record.save(out, archive)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", required=True, help="this queue's seeds")
+    parser.add_argument("--tuning-seeds", type=int, nargs="*", default=[], help="its seeds of the tuning")
+    parser.add_argument("--out", type=Path, default=study.REPO / "runs" / "study", help="the runs' parent folder")
+    parser.add_argument("--archive", type=Path, default=ARCHIVE, help="the records' file (default: the repository's)")
+    args = parser.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"  # each train.py on one core: two queues, two cores, honest timings
+    try:
+        run_record.restore(args.out, args.archive)
+    except run_record.RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, seed, only in steps(args.seeds, args.tuning_seeds):
+        command = [str(study.REPO / "studies" / f"{name}.yaml"), "--out", str(args.out), "--seeds", str(seed)]
+        code = study.main(command + (["--only", *only] if only else []))
+        save(args.out, args.archive)
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
