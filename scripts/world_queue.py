@@ -4,11 +4,12 @@
     python scripts/world_queue.py --seeds 1 3 5 7 9 --tuning-seeds 1 3 &
 
 Each run is train.py on one thread. The queue first restores the archive of finished runs' records
-(scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2 and fusion's
-rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds), then Fig. 3 and
-Table 3 seed by seed, then the tuning grid; after each study of each seed it saves the finished runs into the
-archive, so a machine that stops loses only the runs in flight (their folders resume where they stopped while the
-machine lasts). Both queues save into the same archive, one at a time.
+(scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2, fusion's
+rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds) and Fig. 3 (whose
+batch-128 pair with M-DCL is #5), so that each seed adds a pair to every claim of the three; then Table 3 seed by
+seed (it reuses Fig. 3's and Table 2's runs), then the tuning grid; after each study of each seed it saves the
+finished runs into the archive, so a machine that stops loses only the runs in flight (their folders resume where
+they stopped while the machine lasts). Both queues save into the same archive, one at a time.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ FUSION = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]  # rescorings of #5;
 
 def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str] | None]]:
     """(study file's name, seed, --only entries) in the order the queue runs them."""
-    order = [step for seed in seeds for step in (("world_table2", seed, None), ("world_fusion", seed, FUSION))]
-    order += [(name, seed, None) for name in ("world_fig3", "world_table3") for seed in seeds]
+    order = [step for seed in seeds for step in (("world_table2", seed, None), ("world_fusion", seed, FUSION),
+                                                 ("world_fig3", seed, None))]
+    order += [("world_table3", seed, None) for seed in seeds]
     return order + [("world_tuning", seed, None) for seed in tuning_seeds]
 
 
