@@ -126,11 +126,14 @@ def load_archive(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def save(out: Path, archive: Path) -> int:
-    """Add the finished runs under `out` to the archive; returns how many were new."""
+    """Add the finished runs under `out` to the archive; returns how many were new. A run counts once the runner
+    is done with it (its record.json, or its study_run.json for a run made before records): a train.py that has
+    just written its eval json while the other queue saves is not archived half-described."""
     records = load_archive(archive)
     added = 0
     for folder in sorted(out.glob("*/seed*")):
-        record = read(folder)
+        done = (folder / RECORD).is_file() or (folder / "study_run.json").is_file()
+        record = read(folder) if done else None
         if record is None:
             continue
         key = record["name"], record["seed"]

@@ -83,6 +83,7 @@ from results_table import replace_block  # scripts/ is on sys.path when a script
 from run_record import RECORD
 from run_record import build as build_record
 from run_record import read as read_record
+from run_record import write as write_file
 
 from coder.checkpoint import upgrade_config
 from coder.config import ConfigError, load_config
@@ -237,9 +238,10 @@ def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     tic = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=stream, stderr=stream)
     seconds = time.perf_counter() - tic
-    (folder / "study_run.json").write_text(json.dumps({"seconds": seconds, "command": command[1:],
-                                                       "settings": settings(run), "commit": commit()}, indent=2))
-    (folder / RECORD).write_text(json.dumps(build_record(folder, run["name"], seed), indent=1))
+    # atomically: the other queue may read or archive this folder at any moment
+    write_file(folder / "study_run.json", json.dumps({"seconds": seconds, "command": command[1:],
+                                                      "settings": settings(run), "commit": commit()}, indent=2))
+    write_file(folder / RECORD, json.dumps(build_record(folder, run["name"], seed), indent=1))
 
 
 def commit() -> str | None:

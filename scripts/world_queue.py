@@ -52,15 +52,15 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"  # each train.py on one core: two queues, two cores, honest timings
     try:
         run_record.restore(args.out, args.archive)
-    except run_record.RecordError as err:
+        for name, seed, only in steps(args.seeds, args.tuning_seeds):
+            command = [str(study.REPO / "studies" / f"{name}.yaml"), "--out", str(args.out), "--seeds", str(seed)]
+            code = study.main(command + (["--only", *only] if only else []))
+            save(args.out, args.archive)
+            if code:
+                return code
+    except run_record.RecordError as err:  # an archive that holds another run of the same name and seed
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name, seed, only in steps(args.seeds, args.tuning_seeds):
-        command = [str(study.REPO / "studies" / f"{name}.yaml"), "--out", str(args.out), "--seeds", str(seed)]
-        code = study.main(command + (["--only", *only] if only else []))
-        save(args.out, args.archive)
-        if code:
-            return code
     return 0
 
 

@@ -104,6 +104,11 @@ def test_an_archive_never_replaces_a_run_with_another(tmp_path, capsys):
     assert "full/seed2: its record differs from" in capsys.readouterr().err
     assert run_record.restore(out, archive) == 0  # a folder holding a finished run keeps it
     assert json.loads(result.read_text())["rsum"] == 526.0
+    finishing = out / "full" / "seed3"  # train.py has written its eval json; the runner has not yet timed it
+    write_run(finishing, ENTRY, 3, resumed=False)
+    (finishing / "study_run.json").unlink()
+    result.write_text(result.read_text().replace("526.0", "525.0"))
+    assert run_record.save(out, archive) == 0 and ("full", 3) not in run_record.load_archive(archive)
     archive.write_text(archive.read_text() + "not json\n")
     assert run_record.main(["restore", "--out", str(tmp_path / "x"), "--archive", str(archive)]) == 2
     assert f"{archive}:7: not a run record" in capsys.readouterr().err
