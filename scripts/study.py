@@ -205,10 +205,7 @@ def settings(run: dict) -> dict:
 
 def check_shared(run: dict, folder: Path) -> None:
     """Refuse to reuse a finished run that another study made under the same name with other settings."""
-    record = read_record(folder) or {}
-    study_run = folder / "study_run.json"  # an unfinished run's (a killed rescore's) settings are here alone
-    stored = record.get("settings") or (json.loads(study_run.read_text()).get("settings")
-                                        if study_run.is_file() else None)
+    stored = (read_record(folder) or {}).get("settings")  # a finished run's, or a restored one's
     if stored is not None and stored != settings(run):
         raise StudyError(f"{folder} was made with {stored}, entry '{run['name']}' asks for {settings(run)}: "
                          "rename the entry or pass another --out")
