@@ -203,9 +203,10 @@ def settings(run: dict) -> dict:
     return {key: run.get(key) for key in ("config", "rescore", "set")}
 
 
-def check_shared(run: dict, folder: Path) -> None:
-    """Refuse to reuse a finished run that another study made under the same name with other settings."""
-    stored = (read_record(folder) or {}).get("settings")  # a finished run's, or a restored one's
+def check_shared(run: dict, folder: Path, record: dict) -> None:
+    """Refuse to reuse a finished run (its `record`, {} if none) that another study made under the same name with
+    other settings."""
+    stored = record.get("settings")
     if stored is not None and stored != settings(run):
         raise StudyError(f"{folder} was made with {stored}, entry '{run['name']}' asks for {settings(run)}: "
                          "rename the entry or pass another --out")
@@ -215,8 +216,9 @@ def train(run: dict, seed: int, folder: Path, split: str, stream=None) -> None:
     """One train.py run in a subprocess (resumed if it was killed), or for a `rescore` entry one evaluate.py run
     of the source's checkpoint of this seed; its wall time goes to study_run.json, and what the tables read of
     the finished run to its record.json (scripts/run_record.py)."""
-    check_shared(run, folder)
-    if split in (read_record(folder) or {}).get("eval", {}):
+    record = read_record(folder) or {}  # a finished run's, or a restored one's
+    check_shared(run, folder, record)
+    if split in record.get("eval", {}):
         return  # finished in an earlier invocation, or restored from an archive of records
     if "rescore" in run:
         source = folder.parent.parent / run["rescore"] / f"seed{seed}" / "model_best.pth"
@@ -259,8 +261,13 @@ def mean_std(values: list[float]) -> str:
 
 def finished(run: dict, out: Path, seeds: list[int], split: str) -> tuple[dict[int, dict], list[float]]:
     """{seed: eval json} of the seeds whose run finished, and their wall times."""
+    return split_results(records(run, out, seeds), split)
+
+
+def split_results(found: dict[int, dict], split: str) -> tuple[dict[int, dict], list[float]]:
+    """{seed: eval json of `split`} of records, and the wall times the records hold."""
     results, seconds = {}, []
-    for seed, record in records(run, out, seeds).items():
+    for seed, record in found.items():
         if split in record["eval"]:
             results[seed] = record["eval"][split]
             if record["seconds"] is not None:
@@ -315,15 +322,14 @@ def versus_cell(results: dict[int, dict], other: dict[int, dict], name: str) -> 
     return f"{interval_text(diff)} ({diff.n}) vs {name}"
 
 
-def best_epoch_cell(run: dict, out: Path, results: dict[int, dict]) -> str:
+def best_epoch_cell(results: dict[int, dict], found: dict[int, dict]) -> str:
     """'median [min–max], last k/n': the epochs (from 0) whose dev R@sum selected the checkpoints, and in how many
     runs that was the last epoch trained (the run's saved train.epochs), i.e. dev R@sum was still rising."""
     best = {seed: r["best_epoch"] for seed, r in results.items() if r.get("best_epoch") is not None}
     if not best:
         return "–"
     cell = f"{statistics.median(best.values()):g} [{min(best.values())}–{max(best.values())}]"
-    epochs = {seed: record["epochs"] for seed, record in records(run, out, best).items()}
-    last = [epoch == epochs[seed] - 1 for seed, epoch in best.items() if epochs.get(seed) is not None]
+    last = [epoch == found[seed]["epochs"] - 1 for seed, epoch in best.items() if found[seed]["epochs"] is not None]
     return cell + (f", last {sum(last)}/{len(last)}" if last else "")
 
 
@@ -334,7 +340,8 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
     names = [name for name, _ in COLUMNS]
     paired = [f"Δ test R@sum vs {ref} [95% CI]", "n pairs", "resolves ±"] if ref else []
     at = names.index("test R@sum") + 1
-    done = {run["name"]: finished(run, out, seeds, split) for run in study["runs"]}
+    found = {run["name"]: records(run, out, seeds) for run in study["runs"]}  # each run folder read once
+    done = {name: split_results(records_of, split) for name, records_of in found.items()}
     grouped = group_cells(study, done)
     tuning = ["group", "Δ dev R@sum vs group's first [95% CI]", "choice"] if grouped else []
     steps = ["Δ test R@sum vs `versus` [95% CI] (pairs)"] if any(run["versus"] for run in study["runs"]) else []
@@ -354,10 +361,10 @@ def table(study: dict, out: Path, seeds: list[int], split: str = "test") -> str:
             cells = cells[:at_tuning] + grouped.get(run["name"], ["–", "–", ""]) + cells[at_tuning:]
         time_cell = f"{statistics.mean(seconds):.0f}" if seconds else "–"
         lines.append(f"| {run['label']} | {len(results)} | " + " | ".join(cells)
-                     + f" | {best_epoch_cell(run, out, results)} | {time_cell} |")
+                     + f" | {best_epoch_cell(results, found[run['name']])} | {time_cell} |")
     return "\n".join(lines) + "".join("\n\n" + part for part in (
         claims_table(study, done, len(seeds)) if study["claims"] else "",
-        diagnostics_table(study, out, done) if study["diagnostics"] else "") if part)
+        diagnostics_table(study, found, done) if study["diagnostics"] else "") if part)
 
 
 def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int) -> str:
@@ -395,7 +402,7 @@ def significant(values: list[float]) -> str:
     return f"{mean:.{decimals}f}{spread}"
 
 
-def diagnostics_table(study: dict, out: Path, done: dict[str, tuple[dict, list]]) -> str:
+def diagnostics_table(study: dict, found: dict[str, dict[int, dict]], done: dict[str, tuple[dict, list]]) -> str:
     """Markdown: per trained entry, each diagnostic's last-epoch mean as mean ± std over its finished runs."""
     items = study["diagnostics"]
     lines = ["| run (last epoch, mean over its steps) | seeds | " + " | ".join(i["label"] for i in items) + " |",
@@ -405,7 +412,7 @@ def diagnostics_table(study: dict, out: Path, done: dict[str, tuple[dict, list]]
         if "rescore" in run:
             continue  # no training of its own: its source's row says it
         # each scalar's mean over the last epoch's logged steps of a run (its record's `last_epoch`)
-        runs = [record["last_epoch"] for seed, record in sorted(records(run, out, done[run["name"]][0]).items())]
+        runs = [found[run["name"]][seed]["last_epoch"] for seed in sorted(done[run["name"]][0])]
         cells = [significant([means[tag] for means in runs if tag in means]) for tag in tags]
         lines.append(f"| {run['label']} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
