@@ -10,6 +10,8 @@ batch-128 pair with M-DCL is #5), so that each seed adds a pair to every claim o
 seed (it reuses Fig. 3's and Table 2's runs), then the tuning grid; after each study of each seed it saves the
 finished runs into the archive, so a machine that stops loses only the runs in flight (their folders resume where
 they stopped while the machine lasts). Both queues save into the same archive, one at a time.
+A queue run from a second checkout (say a worktree that keeps the studies' commit while the main one moves on)
+needs PYTHONPATH set to it, so that its tables import the same package its runs train with; it says so otherwise.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, lis
     return order + [("world_tuning", seed, None) for seed in tuning_seeds]
 
 
+def package_checkout() -> Path:
+    """The checkout whose coder package this process imports (an install may point at another one)."""
+    import coder
+    return Path(coder.__file__).resolve().parents[1]
+
+
 def save(out: Path, archive: Path) -> None:
     """The finished runs into the archive, under a lock: the other queue saves into the same file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +57,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=study.REPO / "runs" / "study", help="the runs' parent folder")
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="the records' file (default: the repository's)")
     args = parser.parse_args(argv)
+    if package_checkout() != study.REPO:  # train.py imports its own checkout's package, the tables this one's
+        print(f"error: this queue trains with {study.REPO} but imports the coder package of {package_checkout()}: "
+              f"set PYTHONPATH={study.REPO} so that a run and its table are one commit's code", file=sys.stderr)
+        return 2
     os.environ["OMP_NUM_THREADS"] = "1"  # each train.py on one core: two queues, two cores, honest timings
     try:
         run_record.restore(args.out, args.archive)

@@ -173,3 +173,19 @@ def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monk
     assert saved == list(range(1, 10)) and len(run_record.load_archive(archive)) == 6 + 9
     assert set(world_queue.FUSION) <= {run["name"] for run in study.load_study(
         study.REPO / "studies" / "world_fusion.yaml")["runs"]}
+
+
+def test_a_world_queue_refuses_a_package_of_another_checkout(tmp_path, monkeypatch, capsys):
+    """A queue started in a second checkout trains with that checkout's train.py (it imports the package beside
+    it), while its tables import whatever coder the environment installed: the queue stops before any study
+    rather than tabulate runs with another commit's code."""
+    import world_queue
+
+    import coder
+
+    monkeypatch.setattr(coder, "__file__", str(tmp_path / "other" / "coder" / "__init__.py"))
+    monkeypatch.setattr(world_queue.study, "main", lambda argv: pytest.fail("a study ran"))
+    assert world_queue.main(["--seeds", "0", "--out", str(tmp_path / "runs"), "--archive",
+                             str(tmp_path / "world.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"imports the coder package of {tmp_path / 'other'}" in err and f"PYTHONPATH={study.REPO}" in err
