@@ -2,6 +2,7 @@
 
     python scripts/world_queue.py --seeds 0 2 4 6 8 --tuning-seeds 0 2 4 &
     python scripts/world_queue.py --seeds 1 3 5 7 9 --tuning-seeds 1 3 &
+    python scripts/world_queue.py --seeds 1 3 5 7 9 --tuning-seeds 1 3 --plan   # what is left, and how long
 
 Each run is train.py on one thread. The queue first restores the archive of finished runs' records
 (scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2, fusion's
@@ -36,6 +37,38 @@ def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, lis
     return order + [("world_tuning", seed, None) for seed in tuning_seeds]
 
 
+def plan(out: Path, archive: Path, seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str]]]:
+    """(study file's name, seed, the entries it would still run) for each step of the queue: an entry of a seed is
+    done when its run finished under `out` or is in the archive, and is counted once (studies share entries)."""
+    done = set(run_record.load_archive(archive))
+    todo = []
+    for name, seed, only in steps(seeds, tuning_seeds):
+        missing = []
+        for run in study.load_study(study.REPO / "studies" / f"{name}.yaml")["runs"]:
+            key = run["name"], seed
+            if (only is None or run["name"] in only) and key not in done:
+                done.add(key)
+                if run_record.read(study.run_dir(out, run, seed)) is None:
+                    missing.append(run["name"])
+        todo.append((name, seed, missing))
+    return todo
+
+
+def print_plan(todo: list[tuple[str, int, list[str]]], archive: Path) -> None:
+    """The steps with runs left, and the hours they take at the archived runs' mean wall time per entry."""
+    times: dict[str, list[float]] = {}
+    for (name, _), record in run_record.load_archive(archive).items():
+        if record["seconds"] is not None:
+            times.setdefault(name, []).append(record["seconds"])
+    left = [entry for *_, missing in todo for entry in missing]
+    timed = [sum(times[entry]) / len(times[entry]) for entry in left if entry in times]
+    for name, seed, missing in todo:
+        if missing:
+            print(f"{name} seed {seed}: {len(missing)} to run ({', '.join(missing)})")
+    print(f"{len(left)} runs left; the {len(timed)} of entries with a timed run in the archive take about "
+          f"{sum(timed) / 3600:.1f} h, the other {len(left) - len(timed)} have no timed run yet")
+
+
 def package_checkout() -> Path:
     """The checkout whose coder package this process imports (an install may point at another one)."""
     import coder
@@ -56,7 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tuning-seeds", type=int, nargs="*", default=[], help="its seeds of the tuning")
     parser.add_argument("--out", type=Path, default=study.REPO / "runs" / "study", help="the runs' parent folder")
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="the records' file (default: the repository's)")
+    parser.add_argument("--plan", action="store_true", help="print the runs this queue has left, and run none")
     args = parser.parse_args(argv)
+    if args.plan:
+        print_plan(plan(args.out, args.archive, args.seeds, args.tuning_seeds), args.archive)
+        return 0
     if package_checkout() != study.REPO:  # train.py imports its own checkout's package, the tables this one's
         print(f"error: this queue trains with {study.REPO} but imports the coder package of {package_checkout()}: "
               f"set PYTHONPATH={study.REPO} so that a run and its table are one commit's code", file=sys.stderr)

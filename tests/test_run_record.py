@@ -189,3 +189,33 @@ def test_a_world_queue_refuses_a_package_of_another_checkout(tmp_path, monkeypat
                              str(tmp_path / "world.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"imports the coder package of {tmp_path / 'other'}" in err and f"PYTHONPATH={study.REPO}" in err
+
+
+def test_a_world_queues_plan_lists_the_runs_neither_finished_nor_archived(tmp_path, capsys):
+    """--plan: a run archived or finished on disk is done, one killed mid-way (a checkpoint, no record) is not,
+    an entry two studies share is listed once (at its first study), and nothing trains."""
+    import world_queue
+
+    out, archive = tmp_path / "runs", tmp_path / "world.jsonl"
+    named = {name: dict(ENTRY, name=name) for name in ("world_triplet_noise2.5", "world_t2_2_dcl")}
+    write_run(out / "world_triplet_noise2.5" / "seed4", named["world_triplet_noise2.5"], 4, resumed=False)
+    timed = out / "world_t2_5_pgc" / "seed3"  # another seed's #5, which took 90 minutes
+    write_run(timed, dict(ENTRY, name="world_t2_5_pgc"), 3, resumed=False)
+    (timed / "study_run.json").write_text(json.dumps({"seconds": 5400.0, "settings": {}}))
+    run_record.save(out, archive)
+    shutil.rmtree(out)  # seed 4's triplet lives on in the archive alone
+    write_run(out / "world_t2_2_dcl" / "seed4", named["world_t2_2_dcl"], 4, resumed=False)
+    (out / "world_t2_2_dcl" / "seed4" / "record.json").write_text(
+        json.dumps(run_record.build(out / "world_t2_2_dcl" / "seed4", "world_t2_2_dcl", 4)))
+    (out / "world_t2_3_mdcl" / "seed4").mkdir(parents=True)
+    (out / "world_t2_3_mdcl" / "seed4" / "checkpoint_last.pth").write_bytes(b"killed after an epoch")
+    todo = dict(((name, seed), missing) for name, seed, missing in world_queue.plan(out, archive, [4], []))
+    assert todo["world_table2", 4] == ["world_t2_3_mdcl", "world_t2_4_concept", "world_t2_5_pgc"]
+    assert todo["world_fusion", 4] == list(world_queue.FUSION)
+    assert "world_t2_5_pgc" not in todo["world_fig3", 4] and len(todo["world_fig3", 4]) == 5
+    assert "world_fig3_b128_nomdcl" not in todo["world_table3", 4]
+    assert world_queue.main(["--seeds", "4", "--out", str(out), "--archive", str(archive), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "world_table2 seed 4: 3 to run (world_t2_3_mdcl, world_t2_4_concept, world_t2_5_pgc)" in printed
+    assert f"{3 + 2 + 5 + 4} runs left; the 1 of entries with a timed run in the archive take about 1.5 h" in printed
+    assert not (out / "world_t2_4_concept").exists()
