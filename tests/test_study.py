@@ -1,6 +1,7 @@
 """scripts/study.py: runs configs x seeds (really, through train.py), skips finished runs, and tabulates
 mean ± std from the runs' eval json."""
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -345,6 +346,22 @@ def test_fig3_picture_plots_mean_r1_with_t_intervals_per_batch_and_mdcl(tmp_path
     assert text.count("<polyline") == 4  # two lines in each of the two panels
     assert text.count("<path") == 4  # error bars of the three-seed points with spread: w128, wo128 in two panels
     assert "w M-DCL, batch 128: t2i R@1 62.0 ±" in capsys.readouterr().out
+    bars = [float(x) + 4 for x in re.findall(r'<path d="M([0-9.]+),', text)]  # each bar's x: w128, wo128 per panel
+    assert bars[0] < bars[1] and bars[2] < bars[3], "w and w/o M-DCL's bars at batch 128 drawn over each other"
+
+
+def test_a_chart_capped_at_100_cuts_the_error_bars_there():
+    """An interval of a mean R@1 may pass 100 (two seeds: t_{0.975, 1} = 12.7); with y_max the axis stops at
+    100 and the bar is cut at the axis's top rather than drawn into the title."""
+    from coder.tools.svg import Series, panel
+    series = [Series([(5.0, 95.0), (7.0, 90.0)], "black", "w", [12.0, 1.0])]
+    capped = "\n".join(panel(series, x_label="b", y_label="R@1", y_max=100.0))
+    ticks = [float(v) for v in re.findall(r'text-anchor="end">([0-9.]+)<', capped)]
+    assert max(ticks) == 100.0
+    top = min(float(v) for v in re.findall(r'<path d="M[0-9.]+,([0-9.]+)h8', capped))
+    assert top == 48.0  # the panel's top edge (its padding), where 100 is drawn
+    free = "\n".join(panel(series, x_label="b", y_label="R@1"))
+    assert max(float(v) for v in re.findall(r'text-anchor="end">([0-9.]+)<', free)) > 100.0
 
 
 def test_best_epoch_column_counts_runs_still_rising_at_their_last_epoch(tmp_path):

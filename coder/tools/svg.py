@@ -24,9 +24,10 @@ def _fmt(v: float) -> str:
 
 def panel(series: Sequence[Series], *, x_label: str, y_label: str, title: str = "",
           x_ticks: Sequence[tuple[float, str]] = (), size: tuple[int, int] = (480, 300),
-          origin: tuple[int, int] = (0, 0)) -> list[str]:
+          origin: tuple[int, int] = (0, 0), y_max: float | None = None) -> list[str]:
     """SVG elements of one chart of `size` placed at `origin`: axes, ticks (x: `x_ticks`, else every distinct x;
-    y: low, middle, high), the lines with their error bars, and a legend of the labelled series."""
+    y: low, middle, high), the lines with their error bars, and a legend of the labelled series. `y_max` caps the
+    y axis where values cannot go (R@1 at 100): an error bar that passes it is cut there."""
     width, height = size
     ox, oy = origin
     pad = 48
@@ -36,7 +37,7 @@ def panel(series: Sequence[Series], *, x_label: str, y_label: str, title: str = 
     x_lo, x_hi = min(xs), max(xs)
     lo, hi = min(low for low, _ in spans), max(high for _, high in spans)
     margin = 0.05 * (hi - lo) + 0.5
-    lo, hi = lo - margin, hi + margin
+    lo, hi = lo - margin, hi + margin if y_max is None else min(hi + margin, y_max)
 
     def at(x: float, y: float) -> tuple[float, float]:
         px = ox + pad + (width - 2 * pad) * ((x - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 0.5)
@@ -59,7 +60,7 @@ def panel(series: Sequence[Series], *, x_label: str, y_label: str, title: str = 
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{s.colour}" stroke-width="{s.width}"{opacity}/>')
         for (x, y), e in zip(s.points, s.errors):
             if e:
-                px, top = at(x, y + e)
+                px, top = at(x, min(y + e, hi))
                 _, low = at(x, y - e)
                 parts.append(f'<path d="M{px - 4:.1f},{top:.1f}h8M{px:.1f},{top:.1f}V{low:.1f}M{px - 4:.1f},'
                              f'{low:.1f}h8" stroke="{s.colour}" stroke-width="1.5" fill="none"/>')
