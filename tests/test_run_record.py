@@ -219,3 +219,20 @@ def test_a_world_queues_plan_lists_the_runs_neither_finished_nor_archived(tmp_pa
     assert "world_table2 seed 4: 3 to run (world_t2_3_mdcl, world_t2_4_concept, world_t2_5_pgc)" in printed
     assert f"{3 + 2 + 5 + 4} runs left; the 1 of entries with a timed run in the archive take about 1.5 h" in printed
     assert not (out / "world_t2_4_concept").exists()
+
+
+def test_the_committed_archive_matches_the_world_studies_entries():
+    """studies/records/world.jsonl is the studies' evidence: every record parses, names an entry of a world
+    study and carries that entry's settings (an entry changed after its runs were archived would otherwise have
+    its new runs paired with the old ones), with a finished test evaluation (and a code commit, save for the
+    first runs, made before the runner noted one)."""
+    entries = {}
+    for path in sorted((study.REPO / "studies").glob("world_*.yaml")):
+        for run in study.load_study(path)["runs"]:
+            assert entries.setdefault(run["name"], study.settings(run)) == study.settings(run), run["name"]
+    archive = run_record.load_archive(study.REPO / "studies" / "records" / "world.jsonl")
+    assert archive, "the archive holds no run"
+    for (name, seed), record in archive.items():
+        assert name in entries, f"archived run {name} seed {seed} is no world study's entry"
+        assert record["settings"] == entries[name], f"{name} seed {seed} was made with other settings"
+        assert "rsum" in record["eval"]["test"] and len(record["commit"] or "x" * 40) == 40, f"{name} seed {seed}"
