@@ -91,15 +91,15 @@ def main(argv=None) -> int:
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="the records' file (default: the repository's)")
     parser.add_argument("--plan", action="store_true", help="print the runs this queue has left, and run none")
     args = parser.parse_args(argv)
-    if args.plan:
-        print_plan(plan(args.out, args.archive, args.seeds, args.tuning_seeds), args.archive)
-        return 0
     if package_checkout() != study.REPO:  # train.py imports its own checkout's package, the tables this one's
         print(f"error: this queue trains with {study.REPO} but imports the coder package of {package_checkout()}: "
               f"set PYTHONPATH={study.REPO} so that a run and its table are one commit's code", file=sys.stderr)
         return 2
     os.environ["OMP_NUM_THREADS"] = "1"  # each train.py on one core: two queues, two cores, honest timings
     try:
+        if args.plan:
+            print_plan(plan(args.out, args.archive, args.seeds, args.tuning_seeds), args.archive)
+            return 0
         run_record.restore(args.out, args.archive)
         for name, seed, only in steps(args.seeds, args.tuning_seeds):
             command = [str(study.REPO / "studies" / f"{name}.yaml"), "--out", str(args.out), "--seeds", str(seed)]
