@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,10 +38,11 @@ def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, lis
     return order + [("world_tuning", seed, None) for seed in tuning_seeds]
 
 
-def plan(out: Path, archive: Path, seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str]]]:
+def plan(out: Path, archived: dict, seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str]]]:
     """(study file's name, seed, the entries it would still run) for each step of the queue: an entry of a seed is
-    done when its run finished under `out` or is in the archive, and is counted once (studies share entries)."""
-    done = set(run_record.load_archive(archive))
+    done when its run finished under `out` or is in the archive's records, and is counted once (studies share
+    entries)."""
+    done = set(archived)
     todo = []
     for name, seed, only in steps(seeds, tuning_seeds):
         missing = []
@@ -54,14 +56,14 @@ def plan(out: Path, archive: Path, seeds: list[int], tuning_seeds: list[int]) ->
     return todo
 
 
-def print_plan(todo: list[tuple[str, int, list[str]]], archive: Path) -> None:
+def print_plan(todo: list[tuple[str, int, list[str]]], archived: dict) -> None:
     """The steps with runs left, and the hours they take at the archived runs' mean wall time per entry."""
     times: dict[str, list[float]] = {}
-    for (name, _), record in run_record.load_archive(archive).items():
+    for (name, _), record in archived.items():
         if record["seconds"] is not None:
             times.setdefault(name, []).append(record["seconds"])
     left = [entry for *_, missing in todo for entry in missing]
-    timed = [sum(times[entry]) / len(times[entry]) for entry in left if entry in times]
+    timed = [statistics.mean(times[entry]) for entry in left if entry in times]
     for name, seed, missing in todo:
         if missing:
             print(f"{name} seed {seed}: {len(missing)} to run ({', '.join(missing)})")
@@ -91,14 +93,16 @@ def main(argv=None) -> int:
     parser.add_argument("--archive", type=Path, default=ARCHIVE, help="the records' file (default: the repository's)")
     parser.add_argument("--plan", action="store_true", help="print the runs this queue has left, and run none")
     args = parser.parse_args(argv)
-    if package_checkout() != study.REPO:  # train.py imports its own checkout's package, the tables this one's
-        print(f"error: this queue trains with {study.REPO} but imports the coder package of {package_checkout()}: "
+    package = package_checkout()
+    if package != study.REPO:  # train.py imports its own checkout's package, the tables this one's
+        print(f"error: this queue trains with {study.REPO} but imports the coder package of {package}: "
               f"set PYTHONPATH={study.REPO} so that a run and its table are one commit's code", file=sys.stderr)
         return 2
     os.environ["OMP_NUM_THREADS"] = "1"  # each train.py on one core: two queues, two cores, honest timings
     try:
         if args.plan:
-            print_plan(plan(args.out, args.archive, args.seeds, args.tuning_seeds), args.archive)
+            archived = run_record.load_archive(args.archive)
+            print_plan(plan(args.out, archived, args.seeds, args.tuning_seeds), archived)
             return 0
         run_record.restore(args.out, args.archive)
         for name, seed, only in steps(args.seeds, args.tuning_seeds):

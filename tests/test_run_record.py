@@ -209,7 +209,8 @@ def test_a_world_queues_plan_lists_the_runs_neither_finished_nor_archived(tmp_pa
         json.dumps(run_record.build(out / "world_t2_2_dcl" / "seed4", "world_t2_2_dcl", 4)))
     (out / "world_t2_3_mdcl" / "seed4").mkdir(parents=True)
     (out / "world_t2_3_mdcl" / "seed4" / "checkpoint_last.pth").write_bytes(b"killed after an epoch")
-    todo = dict(((name, seed), missing) for name, seed, missing in world_queue.plan(out, archive, [4], []))
+    steps = world_queue.plan(out, run_record.load_archive(archive), [4], [])
+    todo = dict(((name, seed), missing) for name, seed, missing in steps)
     assert todo["world_table2", 4] == ["world_t2_3_mdcl", "world_t2_4_concept", "world_t2_5_pgc"]
     assert todo["world_fusion", 4] == list(world_queue.FUSION)
     assert "world_t2_5_pgc" not in todo["world_fig3", 4] and len(todo["world_fig3", 4]) == 5
