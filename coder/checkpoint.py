@@ -208,7 +208,8 @@ def set_rng_state(state: dict, seed: int = 0) -> None:
 def training_state(cfg: dict, step, optimizer, scaler, progress: dict, kmeans: dict, rng: dict) -> dict:
     """checkpoint_last.pth: everything a killed run needs to continue exactly (docs/training.md, Resume): the
     step's model, momentum encoders and banks, and objective, the optimizer, the gradient scaler, `progress` (the
-    counters: epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta), the k-means state and `rng`,
+    counters: epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta, and train_seconds, the wall time
+    of the training it holds), the k-means state and `rng`,
     `rng_state()`'s every rank's generators (a collective: every rank calls it)."""
     momentum = {"momentum": step.momentum.state_dict()} if step.momentum is not None else {}
     return {"format": "coder", "version": FORMAT_VERSION, "config": cfg, "model": step.model.state_dict(), **momentum,
@@ -227,7 +228,7 @@ PROGRESS_KEYS = ("epoch", "step_in_epoch", "global_step", "best_rsum", "best_epo
 
 def restore_training(path: str | Path, cfg: dict, step, optimizer, scaler, device) -> dict:
     """Load checkpoint_last.pth into the step's modules, the optimizer, the gradient scaler and the RNGs; refuse a
-    checkpoint trained with another config. Returns the counters and the k-means state."""
+    checkpoint trained with another config. Returns the counters, the k-means state and the training's wall time."""
     ckpt = load_checkpoint(path, map_location=device)
     diffs = config_differences(saved_config(ckpt["config"]), cfg)
     if diffs:
@@ -242,7 +243,8 @@ def restore_training(path: str | Path, cfg: dict, step, optimizer, scaler, devic
         restore_scaler(scaler, ckpt["scaler"])
     set_rng_state(ckpt["rng"], seed=cfg["train"]["seed"] + ckpt["global_step"])
     progress = {key: ckpt[key] for key in PROGRESS_KEYS if key in ckpt}
-    return {**progress, "kmeans": ckpt["kmeans"]}
+    # the wall time of the training so far (a checkpoint written before it was kept: counted from this resume)
+    return {**progress, "kmeans": ckpt["kmeans"], "train_seconds": ckpt.get("train_seconds", 0.0)}
 
 
 def restore_scaler(scaler, state: dict) -> None:

@@ -224,6 +224,7 @@ class Trainer:
         self.best_rsum, self.best_epoch = -1.0, -1
         self.best_beta = self.val_beta = cfg["eval"]["beta"]  # the fusion weight (§3.5) of the best model
         self.centroids = self.labels = None  # k-means state (§3.4): prototypes and the pairs' labels
+        self.seconds_before = 0.0  # the wall time of the training a resumed checkpoint holds
         if resume:
             self._resume(resume)
         self.log = TrainLogger(None)
@@ -234,6 +235,12 @@ class Trainer:
             # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
             self.log = TrainLogger(self.out_dir, purge_step=self.global_step + 1 if self.global_step else None,
                                    config_text=dump(cfg) if self.global_step == 0 else None)
+        self.started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """The wall time of the training so far, over every process a killed run was resumed in (what a killed
+        process did after its last checkpoint is lost and not counted)."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def steps_per_epoch(self) -> int:
         full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
@@ -244,7 +251,7 @@ class Trainer:
     def save_last(self) -> None:
         rng = rng_state()  # every rank's generators: a collective, so every rank calls save_last
         if dist.is_main():
-            progress = {key: getattr(self, key) for key in PROGRESS_KEYS}
+            progress = {**{key: getattr(self, key) for key in PROGRESS_KEYS}, "train_seconds": self.train_seconds()}
             atomic_save(training_state(self.cfg, self.step, self.optimizer, self.scaler, progress,
                                        {"centroids": self.centroids, "labels": self.labels}, rng),
                         self.out_dir / "checkpoint_last.pth")
@@ -264,6 +271,7 @@ class Trainer:
         for key in PROGRESS_KEYS:  # epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta
             setattr(self, key, state.get(key, getattr(self, key)))
         self.centroids, self.labels = state["kmeans"]["centroids"], state["kmeans"]["labels"]
+        self.seconds_before = state["train_seconds"]
         if dist.is_main():
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} of the epoch")
 
@@ -377,7 +385,7 @@ class Trainer:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
             bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
-            self.log.epoch_line(epoch, epochs, rsum, self.best_rsum, self.best_epoch)
+            self.log.epoch_end(epoch, epochs, rsum, self.best_rsum, self.best_epoch, self.train_seconds())
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self.save_last()
             dist.barrier()

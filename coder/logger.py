@@ -58,8 +58,11 @@ class TrainLogger:
         for tag, value in values.items():
             self.scalar(tag, value, step)
 
-    def epoch_line(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int) -> None:
-        self.lines.epoch(epoch, epochs, dev_rsum, best_rsum, best_epoch)
+    def epoch_end(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int,
+                  train_seconds: float) -> None:
+        """The epoch's line, and `time/train_seconds`: the run's wall time so far, over its resumes."""
+        self.scalar("time/train_seconds", train_seconds, epoch)
+        self.lines.epoch(epoch, epochs, dev_rsum, best_rsum, best_epoch, train_seconds)
 
     def diversity_histogram(self, values: list[torch.Tensor], epoch: int) -> None:
         if values and self.writer is not None:

@@ -17,7 +17,7 @@ class RunLog:
 
     def __init__(self, out_dir: str | Path, enabled: bool = True):
         self.path, self.enabled = Path(out_dir) / "train.log", enabled
-        self.start = self.epoch_start = time.perf_counter()
+        self.epoch_start = time.perf_counter()
         self.sums: dict[str, float] = {}
         self.count = 0
 
@@ -27,19 +27,22 @@ class RunLog:
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
         self.count += 1
 
-    def line(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int) -> str:
+    def line(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int,
+             elapsed: float) -> str:
+        """`elapsed`: the run's seconds so far, a resumed run's counted from its start, not from the resume."""
         now = time.perf_counter()
         losses = " ".join(f"{name} {total / self.count:.4f}" for name, total in self.sums.items()) if self.count \
             else "loss –"
         dev = f"{dev_rsum:.1f}" if dev_rsum >= 0 else "–"  # -1: not validated this epoch (train.eval_every)
         best = f"{best_rsum:.1f} (epoch {best_epoch})" if best_epoch >= 0 else "–"
         return (f"epoch {epoch} (of {epochs}) | {losses} | dev R@sum {dev} | best {best} | "
-                f"{now - self.epoch_start:.1f} s, {now - self.start:.1f} s elapsed")
+                f"{now - self.epoch_start:.1f} s, {elapsed:.1f} s elapsed")
 
-    def epoch(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int) -> None:
+    def epoch(self, epoch: int, epochs: int, dev_rsum: float, best_rsum: float, best_epoch: int,
+              elapsed: float) -> None:
         """Print and append the line of the epoch that just ended, then start the next epoch's averages."""
         if self.enabled:
-            text = self.line(epoch, epochs, dev_rsum, best_rsum, best_epoch)
+            text = self.line(epoch, epochs, dev_rsum, best_rsum, best_epoch, elapsed)
             print(text, flush=True)
             with self.path.open("a") as log:
                 log.write(text + "\n")

@@ -12,7 +12,9 @@ tabulates it as if its folder were whole. A restored run has no checkpoint: an e
 (`rescore:`) needs the run's folder itself.
 
 A record holds the run's name and seed, the settings it was made with (the study entry's config, rescore and set),
-its wall time (none for a run resumed after a kill: the runner timed only its last part), the eval_<split>.json of
+its wall time (the runner's time of the one train.py it ran; for a run resumed after a kill, whose runner timed only
+its last part, the training's time over its processes as train.py logged it, without start-up and the test
+evaluation, about 0.5% of a world run; none for a resumed run whose train.py did not log it), the eval_<split>.json of
 each split it was evaluated on, its train.epochs, its dev R@sum per epoch and the seconds between consecutive dev
 evaluations (the seed curves), and the last-epoch mean of each TensorBoard scalar it logged (the diagnostics).
 Archiving a run whose record differs from the archive's is an error: a run is made once.
@@ -33,6 +35,7 @@ import yaml
 RECORD = "record.json"
 SPLITS = ("dev", "test")
 DEV_TAG = "dev/rsum"  # one value per epoch (its step is the epoch, from 0)
+TIME_TAG = "time/train_seconds"  # the training's wall time at each epoch's end, carried over a resume
 
 
 class RecordError(ValueError):
@@ -68,7 +71,7 @@ def last_epoch_means(points: dict[str, list], epochs: int) -> dict[str, float]:
     """{tag: mean over the last epoch's logged steps}: the last 1/epochs of the tag's steps."""
     means = {}
     for tag, series in points.items():
-        if tag != DEV_TAG and series:
+        if tag not in (DEV_TAG, TIME_TAG) and series:
             start = series[-1][0] * (epochs - 1) / epochs
             last = [value for step, value in series if step > start]
             means[tag] = statistics.mean(last or [series[-1][1]])  # a tag logged once, at step 0: that value
@@ -88,7 +91,8 @@ def build(folder: Path, name: str, seed: int) -> dict | None:
     points, durations = scalars(folder)
     processes = len(list(folder.glob("events.out.tfevents.*")))  # each start of train.py opens one
     # the runner times its last invocation only: a run resumed after a kill took longer than that
-    seconds = timing.get("seconds") if processes <= 1 else None
+    clock = points.get(TIME_TAG)
+    seconds = timing.get("seconds") if processes <= 1 else clock[-1][1] if clock else None
     return {"name": name, "seed": seed, "settings": timing.get("settings"), "seconds": seconds,
             "commit": timing.get("commit"), "eval": evals, "epochs": epochs,
             "dev_rsum": {str(step + 1): value for step, value in points.get(DEV_TAG, [])},

@@ -34,7 +34,10 @@ class FitProbe:
         self.cfg, self.epoch, self.step_in_epoch, self.labels, self.progress = cfg, 0, 0, None, False
         self.best_rsum, self.val_beta, self.seen = -1.0, 1.0, {}
         self.objective = SimpleNamespace(needs_labels=lambda epoch: True)
-        self.log = SimpleNamespace(epoch_line=lambda *args: None)
+        self.log = SimpleNamespace(epoch_end=lambda *args: None)
+
+    def train_seconds(self):
+        return 0.0
 
     def update_clusters(self, epoch):
         self.seen["kmeans"] = matmul_in_tf32()

@@ -243,6 +243,22 @@ def test_resumed_run_ends_with_identical_weights_and_state(runs):
         assert a[key] == b[key], key
 
 
+def test_a_resume_carries_on_the_runs_training_time(runs):
+    """Each checkpoint holds the training's wall time so far, and a resume continues that count rather than starting
+    its own: the final count exceeds the last kill's checkpoint's, which exceeds the first's (a count restarted
+    on resume would leave the final process's two steps below the second process's k-means, validation and three
+    steps). train.log's last line and TensorBoard's `time/train_seconds` give the same count."""
+    first, second = (runs["states"][kill]["train_seconds"] for kill in ("mid_step", "validation"))
+    final = load_checkpoint(runs["killed"] / "checkpoint_last.pth")["train_seconds"]
+    assert 0 < first < second < final
+    events = EventAccumulator(str(runs["killed"]), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("time/train_seconds")}
+    assert sorted(logged) == list(range(EPOCHS)) and second < logged[EPOCHS - 1] <= final
+    last_line = (runs["killed"] / "train.log").read_text().splitlines()[-1]
+    assert float(last_line.split(", ")[-1].removesuffix(" s elapsed")) == pytest.approx(logged[EPOCHS - 1], abs=0.05)
+
+
 def logged_steps(run: Path) -> dict[str, list[int]]:
     """Every scalar tag's steps as TensorBoard shows them (after the purges a resumed writer asked for)."""
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})

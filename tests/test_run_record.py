@@ -19,9 +19,11 @@ ENTRY = {"name": "full", "label": "full CODER", "config": "configs/demo.yaml", "
 BASE = {"name": "base", "label": "triplet", "config": "configs/demo.yaml", "set": ["loss.instance=triplet"]}
 
 
-def write_run(folder: Path, entry: dict, seed: int, resumed: bool) -> None:
+def write_run(folder: Path, entry: dict, seed: int, resumed: bool, clocked: bool = False) -> None:
     """A finished run as train.py and the runner leave it: eval json, saved config, wall time, and two event files
-    when it was killed after epoch 2 and resumed from its epoch-1 checkpoint (epoch 2 logged twice)."""
+    when it was killed after epoch 2 and resumed from its epoch-1 checkpoint (epoch 2 logged twice). `clocked`:
+    train.py logged the training's wall time at each epoch's end, 50 s an epoch, the resume's count continuing
+    from its checkpoint's (the killed process's epoch 2 is lost: 40 s into it)."""
     folder.mkdir(parents=True)
     shift = 10.0 * seed + (5.0 if entry is ENTRY else 0.0)
     recalls = {"r1": 70.0 + shift / 10, "r5": 90.0, "r10": 95.0}
@@ -34,6 +36,9 @@ def write_run(folder: Path, entry: dict, seed: int, resumed: bool) -> None:
         writer = SummaryWriter(str(scratch))
         for k, epoch in enumerate(epochs):
             writer.add_scalar("dev/rsum", 400.0 + shift + 10 * epoch + part, epoch, walltime=start + 30.0 * k)
+            if clocked:
+                lost = 40.0 if part == 0 and epoch == 1 else 0.0
+                writer.add_scalar("time/train_seconds", 50.0 * (epoch + 1) + lost, epoch, walltime=start + 30.0 * k)
             for step in range(4 * epoch + 1, 4 * epoch + 5):
                 writer.add_scalar("loss/pgc", 20.0 - step - part + shift, step, walltime=start + 30.0 * k)
         writer.close()
@@ -92,6 +97,11 @@ def test_the_record_reads_a_resumed_runs_events_once_per_step(tmp_path):
     whole = tmp_path / "full" / "seed2"
     write_run(whole, ENTRY, 2, resumed=False)
     assert run_record.read(whole)["seconds"] == 62.0
+    clocked = tmp_path / "full" / "seed3"
+    write_run(clocked, ENTRY, 3, resumed=True, clocked=True)
+    record = run_record.read(clocked)
+    assert record["seconds"] == 150.0  # its last epoch's count: 3 epochs of 50 s, the killed epoch's 40 s not in it
+    assert "time/train_seconds" not in record["last_epoch"]  # a clock, not a diagnostic
 
 
 def test_an_archive_never_replaces_a_run_with_another(tmp_path, capsys):

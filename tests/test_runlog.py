@@ -20,12 +20,13 @@ def test_line_averages_the_logged_steps(tmp_path):
     log = RunLog(tmp_path)
     log.add(1.0, {"dcl_i": 0.25})
     log.add(2.0, {"dcl_i": 0.75})
-    assert log.line(3, 12, 401.25, 410.0, 1).startswith(
-        "epoch 3 (of 12) | loss 1.5000 dcl_i 0.5000 | dev R@sum 401.2 | best 410.0 (epoch 1) | ")
-    log.epoch(3, 12, -1.0, 410.0, 1)
+    line = log.line(3, 12, 401.25, 410.0, 1, elapsed=4321.0)
+    assert line.startswith("epoch 3 (of 12) | loss 1.5000 dcl_i 0.5000 | dev R@sum 401.2 | best 410.0 (epoch 1) | ")
+    assert line.endswith(", 4321.0 s elapsed")  # the run's time, which a resume carries on (the Trainer's clock)
+    log.epoch(3, 12, -1.0, 410.0, 1, elapsed=5.0)
     assert "| dev R@sum – |" in (tmp_path / "train.log").read_text()
     log.add(4.0, {})
-    assert log.line(4, 12, 1.0, 1.0, 4).startswith("epoch 4 (of 12) | loss 4.0000 |")  # a fresh average
+    assert log.line(4, 12, 1.0, 1.0, 4, elapsed=6.0).startswith("epoch 4 (of 12) | loss 4.0000 |")  # a fresh average
 
 
 @pytest.fixture(scope="module")
