@@ -7,8 +7,9 @@
 Each run is train.py on one thread. The queue first restores the archive of finished runs' records
 (scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2, fusion's
 rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds) and Fig. 3 (whose
-batch-128 pair with M-DCL is #5), so that each seed adds a pair to every claim of the three; then Table 3 seed by
-seed (it reuses Fig. 3's and Table 2's runs), then the tuning grid; after each study of each seed it saves the
+batch-128 pair with M-DCL is #5), so that each seed adds a pair to every claim of the three; then the tuning grid
+(Table 2 reads its rows at the paper's values: whether tuned values move them is part of its answer), then Table 3
+seed by seed (it reuses Fig. 3's and Table 2's runs); after each study of each seed it saves the
 finished runs into the archive, so a machine that stops loses only the runs in flight (their folders resume where
 they stopped while the machine lasts). Both queues save into the same archive, one at a time.
 A queue run from a second checkout (say a worktree that keeps the studies' commit while the main one moves on)
@@ -34,8 +35,8 @@ def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, lis
     """(study file's name, seed, --only entries) in the order the queue runs them."""
     order = [step for seed in seeds for step in (("world_table2", seed, None), ("world_fusion", seed, FUSION),
                                                  ("world_fig3", seed, None))]
-    order += [("world_table3", seed, None) for seed in seeds]
-    return order + [("world_tuning", seed, None) for seed in tuning_seeds]
+    order += [("world_tuning", seed, None) for seed in tuning_seeds]
+    return order + [("world_table3", seed, None) for seed in seeds]
 
 
 def plan(out: Path, archived: dict, seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str]]]:

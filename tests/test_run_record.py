@@ -153,7 +153,7 @@ def test_a_restored_run_is_not_trained_again_and_cannot_be_rescored(tmp_path, mo
 
 def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monkeypatch):
     """scripts/world_queue.py: Table 2, fusion's rescoring (it needs the checkpoint its machine trained) and Fig. 3
-    seed by seed, then Table 3 and the tuning; restored runs are finished before the first study starts,
+    seed by seed, then the tuning and Table 3; restored runs are finished before the first study starts,
     and the archive holds each study's runs as soon as it ends."""
     import world_queue
 
@@ -179,7 +179,7 @@ def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monk
     fusion = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]
     assert calls == [("world_table2", "4", []), ("world_fusion", "4", fusion), ("world_fig3", "4", []),
                      ("world_table2", "6", []), ("world_fusion", "6", fusion), ("world_fig3", "6", []),
-                     ("world_table3", "4", []), ("world_table3", "6", []), ("world_tuning", "4", [])]
+                     ("world_tuning", "4", []), ("world_table3", "4", []), ("world_table3", "6", [])]
     assert saved == list(range(1, 10)) and len(run_record.load_archive(archive)) == 6 + 9
     assert set(world_queue.FUSION) <= {run["name"] for run in study.load_study(
         study.REPO / "studies" / "world_fusion.yaml")["runs"]}
