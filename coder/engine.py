@@ -40,7 +40,7 @@ from .models.bigru import load_text
 from .models.heads import ImageHead
 from .models.model import ImageEncoder, build_model
 from .precision import set_deterministic, tf32
-from .runlog import progress_bars
+from .runlog import RunClock, progress_bars
 from .step import ContrastiveStep, build_step, compile_step
 from .vocab import WordVocabulary
 
@@ -185,6 +185,15 @@ def evaluate_best_model(model, cfg: dict, tokenizer, out_dir: Path, device, prog
     return result
 
 
+def check_finite(bad: torch.Tensor, epoch: int, step_in_epoch: int, out_dir: Path) -> None:
+    """Stop every rank on a non-finite loss of any rank (the others would wait at a collective), before a save."""
+    if bool(dist.any_rank(bad)):
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {epoch} near step {step_in_epoch}; stopped without saving. "
+            f"The last good checkpoint is {out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
+            f"perhaps with a lower train.lr)")
+
+
 def write_run_files(out_dir: Path, cfg: dict, tokenizer) -> None:
     """config.yaml, and the BiGRU's word vocabulary as vocab.json (its checkpoints hold it too)."""
     (out_dir / "config.yaml").write_text(dump(cfg))
@@ -224,7 +233,7 @@ class Trainer:
         self.best_rsum, self.best_epoch = -1.0, -1
         self.best_beta = self.val_beta = cfg["eval"]["beta"]  # the fusion weight (§3.5) of the best model
         self.centroids = self.labels = None  # k-means state (§3.4): prototypes and the pairs' labels
-        self.seconds_before = 0.0  # the wall time of the training a resumed checkpoint holds
+        self.clock = RunClock()  # the training's wall time, which a resume continues
         if resume:
             self._resume(resume)
         self.log = TrainLogger(None)
@@ -235,12 +244,6 @@ class Trainer:
             # global_step is in it): what a killed run logged after its last checkpoint is dropped, not shown twice
             self.log = TrainLogger(self.out_dir, purge_step=self.global_step + 1 if self.global_step else None,
                                    config_text=dump(cfg) if self.global_step == 0 else None)
-        self.started = time.perf_counter()
-
-    def train_seconds(self) -> float:
-        """The wall time of the training so far, over every process a killed run was resumed in (what a killed
-        process did after its last checkpoint is lost and not counted)."""
-        return self.seconds_before + time.perf_counter() - self.started
 
     def steps_per_epoch(self) -> int:
         full = len(self.train_set) // (self.cfg["train"]["batch_size"] * self.world)
@@ -251,7 +254,7 @@ class Trainer:
     def save_last(self) -> None:
         rng = rng_state()  # every rank's generators: a collective, so every rank calls save_last
         if dist.is_main():
-            progress = {**{key: getattr(self, key) for key in PROGRESS_KEYS}, "train_seconds": self.train_seconds()}
+            progress = {**{key: getattr(self, key) for key in PROGRESS_KEYS}, "train_seconds": self.clock.seconds()}
             atomic_save(training_state(self.cfg, self.step, self.optimizer, self.scaler, progress,
                                        {"centroids": self.centroids, "labels": self.labels}, rng),
                         self.out_dir / "checkpoint_last.pth")
@@ -271,7 +274,7 @@ class Trainer:
         for key in PROGRESS_KEYS:  # epoch, step_in_epoch, global_step, best_rsum, best_epoch, best_beta
             setattr(self, key, state.get(key, getattr(self, key)))
         self.centroids, self.labels = state["kmeans"]["centroids"], state["kmeans"]["labels"]
-        self.seconds_before = state["train_seconds"]
+        self.clock = RunClock(before=state["train_seconds"])
         if dist.is_main():
             print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch} of the epoch")
 
@@ -323,23 +326,16 @@ class Trainer:
             seen += batch["input_ids"].size(0) * self.world
             bar.update(1)
             if self.global_step % tcfg["log_every"] == 0 or self.step_in_epoch == total:
-                self._check_finite(bad, epoch)
+                check_finite(bad, epoch, self.step_in_epoch, self.out_dir)
                 self._log_step(loss, terms, diag, grad_norms, lr, seen / (time.perf_counter() - tic))
                 if not bar.disable:  # a hidden bar's loss would be one more wait for the device
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             if tcfg["save_every"] > 0 and self.global_step % tcfg["save_every"] == 0:
-                self._check_finite(bad, epoch)
+                check_finite(bad, epoch, self.step_in_epoch, self.out_dir)
                 self.save_last()
         bar.close()
-        self._check_finite(bad, epoch)
+        check_finite(bad, epoch, self.step_in_epoch, self.out_dir)
         self.log.diversity_histogram(diversities, epoch)
-
-    def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
-        if bool(dist.any_rank(bad)):  # a NaN on any rank stops every rank (the others would wait at a collective)
-            raise NonFiniteLossError(
-                f"non-finite loss in epoch {epoch} near step {self.step_in_epoch}; stopped without saving. "
-                f"The last good checkpoint is {self.out_dir / 'checkpoint_last.pth'} (resume with --resume auto, "
-                f"perhaps with a lower train.lr)")
 
     def _log_step(self, loss, terms, diag, grad_norms, lr, rate) -> None:
         # every rank joins the averages (a collective), so the logged losses are the whole batch's
@@ -385,7 +381,7 @@ class Trainer:
                 self.best_rsum, self.best_epoch, self.best_beta = rsum, epoch, self.val_beta
                 self.save_best()
             bar.set_postfix(dev_rsum=f"{rsum:.1f}", best=f"{self.best_rsum:.1f}")
-            self.log.epoch_end(epoch, epochs, rsum, self.best_rsum, self.best_epoch, self.train_seconds())
+            self.log.epoch_end(epoch, epochs, rsum, self.best_rsum, self.best_epoch, self.clock.seconds())
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self.save_last()
             dist.barrier()

@@ -12,6 +12,17 @@ def progress_bars(requested: bool) -> bool:
     return requested and sys.stderr.isatty()
 
 
+class RunClock:
+    """The wall time of a run's training so far, over every process a killed run was resumed in: `before` is what
+    its checkpoint counted (what a killed process did after its last checkpoint is lost and not counted)."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.start = before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
 class RunLog:
     """Averages the losses logged during an epoch and writes the epoch's line when it ends."""
 

@@ -9,7 +9,6 @@
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.distributed as torch_dist
 
 from coder import checkpoint
 from coder import distributed as dist
-from coder.engine import NonFiniteLossError, Trainer
+from coder.engine import NonFiniteLossError, check_finite
 from tests.ddp import join_group, leave_group, spawn
 from tests.test_gather_ddp import build, data
 
@@ -59,7 +58,7 @@ def nan_on_rank_one(rank: int, out_dir: str) -> dict:
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
     tic = time.perf_counter()
     try:
-        Trainer._check_finite(SimpleNamespace(step_in_epoch=3, out_dir=Path(out_dir)), ~torch.isfinite(loss), 0)
+        check_finite(~torch.isfinite(loss), 0, 3, Path(out_dir))
         torch_dist.barrier()  # the next collective of the loop
         error = "none"
     except Exception as err:  # noqa: BLE001 - the test reads which error each rank ended with
