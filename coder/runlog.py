@@ -1,5 +1,6 @@
 """One plain line per epoch, on stdout and appended to <run>/train.log: what a researcher reads in a log file
-(progress bars stay for a terminal, where carriage returns do not fill a file with fragments)."""
+(progress bars stay for a terminal, where carriage returns do not fill a file with fragments); and the clock whose
+elapsed time the line gives, which a resumed run continues from its checkpoint."""
 from __future__ import annotations
 
 import sys
