@@ -6,8 +6,9 @@
 
 Each run is train.py on one thread. The queue first restores the archive of finished runs' records
 (scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2, fusion's
-rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds) and Fig. 3 (whose
-batch-128 pair with M-DCL is #5), so that each seed adds a pair to every claim of the three; then the tuning grid
+rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds), Fig. 3 (whose
+batch-128 pair with M-DCL is #5) and Fig. 3 at equal steps (why its fall is missing on the world), so that each
+seed adds a pair to every claim of the four; then the tuning grid
 (Table 2 reads its rows at the paper's values: whether tuned values move them is part of its answer), then Table 3
 seed by seed (it reuses Fig. 3's and Table 2's runs); after each study of each seed it saves the
 finished runs into the archive, so a machine that stops loses only the runs in flight (their folders resume where
@@ -34,7 +35,7 @@ FUSION = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]  # rescorings of #5;
 def steps(seeds: list[int], tuning_seeds: list[int]) -> list[tuple[str, int, list[str] | None]]:
     """(study file's name, seed, --only entries) in the order the queue runs them."""
     order = [step for seed in seeds for step in (("world_table2", seed, None), ("world_fusion", seed, FUSION),
-                                                 ("world_fig3", seed, None))]
+                                                 ("world_fig3", seed, None), ("world_fig3_steps", seed, None))]
     order += [("world_tuning", seed, None) for seed in tuning_seeds]
     return order + [("world_table3", seed, None) for seed in seeds]
 

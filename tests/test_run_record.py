@@ -152,9 +152,9 @@ def test_a_restored_run_is_not_trained_again_and_cannot_be_rescored(tmp_path, mo
 
 
 def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monkeypatch):
-    """scripts/world_queue.py: Table 2, fusion's rescoring (it needs the checkpoint its machine trained) and Fig. 3
-    seed by seed, then the tuning and Table 3; restored runs are finished before the first study starts,
-    and the archive holds each study's runs as soon as it ends."""
+    """scripts/world_queue.py: Table 2, fusion's rescoring (it needs the checkpoint its machine trained), Fig. 3
+    and Fig. 3 at equal steps seed by seed, then the tuning and Table 3; restored runs are finished before the
+    first study starts, and the archive holds each study's runs as soon as it ends."""
     import world_queue
 
     spec, out = make_study(tmp_path)
@@ -178,9 +178,11 @@ def test_a_world_queue_restores_first_and_saves_after_every_study(tmp_path, monk
                              "--archive", str(archive)]) == 0
     fusion = ["world_fusion_beta_0.9", "world_fusion_beta_1.0"]
     assert calls == [("world_table2", "4", []), ("world_fusion", "4", fusion), ("world_fig3", "4", []),
+                     ("world_fig3_steps", "4", []),
                      ("world_table2", "6", []), ("world_fusion", "6", fusion), ("world_fig3", "6", []),
+                     ("world_fig3_steps", "6", []),
                      ("world_tuning", "4", []), ("world_table3", "4", []), ("world_table3", "6", [])]
-    assert saved == list(range(1, 10)) and len(run_record.load_archive(archive)) == 6 + 9
+    assert saved == list(range(1, 12)) and len(run_record.load_archive(archive)) == 6 + 11
     assert set(world_queue.FUSION) <= {run["name"] for run in study.load_study(
         study.REPO / "studies" / "world_fusion.yaml")["runs"]}
 
@@ -224,11 +226,13 @@ def test_a_world_queues_plan_lists_the_runs_neither_finished_nor_archived(tmp_pa
     assert todo["world_table2", 4] == ["world_t2_3_mdcl", "world_t2_4_concept", "world_t2_5_pgc"]
     assert todo["world_fusion", 4] == list(world_queue.FUSION)
     assert "world_t2_5_pgc" not in todo["world_fig3", 4] and len(todo["world_fig3", 4]) == 5
+    assert todo["world_fig3_steps", 4] == ["world_steps_b64_mdcl", "world_steps_b64_nomdcl"]
     assert "world_fig3_b128_nomdcl" not in todo["world_table3", 4]
     assert world_queue.main(["--seeds", "4", "--out", str(out), "--archive", str(archive), "--plan"]) == 0
     printed = capsys.readouterr().out
     assert "world_table2 seed 4: 3 to run (world_t2_3_mdcl, world_t2_4_concept, world_t2_5_pgc)" in printed
-    assert f"{3 + 2 + 5 + 4} runs left; the 1 of entries with a timed run in the archive take about 1.5 h" in printed
+    left = 3 + 2 + 5 + 2 + 4  # Table 2, fusion, Fig. 3, Fig. 3 at equal steps, Table 3
+    assert f"{left} runs left; the 1 of entries with a timed run in the archive take about 1.5 h" in printed
     assert not (out / "world_t2_4_concept").exists()
 
 
