@@ -8,11 +8,11 @@ Each run is train.py on one thread. The queue first restores the archive of fini
 (scripts/run_record.py), so nothing already made is made again, then goes seed by seed through Table 2, fusion's
 rescoring of that seed (it needs #5's checkpoint, which only the machine that trained it holds), Fig. 3 (whose
 batch-128 pair with M-DCL is #5) and Fig. 3 at equal steps (why its fall is missing on the world), so that each
-seed adds a pair to every claim of the four; then the tuning grid
-(Table 2 reads its rows at the paper's values: whether tuned values move them is part of its answer), then Table 3
-seed by seed (it reuses Fig. 3's and Table 2's runs); after each study of each seed it saves the
-finished runs into the archive, so a machine that stops loses only the runs in flight (their folders resume where
-they stopped while the machine lasts). Both queues save into the same archive, one at a time.
+seed adds a pair to every claim of the four; then the tuning grid (Table 2 reads its rows at the paper's values:
+whether tuned values move them is part of its answer), then Table 3 seed by seed (it reuses Fig. 3's and Table 2's
+runs); after each study of each seed it saves the finished runs into the archive, so a machine that stops loses
+only the runs in flight (their folders resume where they stopped while the machine lasts). Both queues save into
+the same archive, one at a time.
 A queue run from a second checkout (say a worktree that keeps the studies' commit while the main one moves on)
 needs PYTHONPATH set to it, so that its tables import the same package its runs train with; it says so otherwise.
 """
