@@ -57,7 +57,8 @@ lies below, "unresolved" otherwise (or with fewer than 2 seeds); "provisional" w
 tabulated (the study's list, or --seeds) have finished every entry of the claim. With `size`, a last cell says
 whether the paper's contrast lies inside the interval or above / below it: an "unresolved" sign can still rule
 out the paper's size. Differences of differences (Fig. 3: does M-DCL shrink the fall from batch 128 to 32?) are
-contrasts with four entries.
+contrasts with four entries. A contrast may name `group:NAME` for the entry of tuning group NAME chosen on dev
+(methods compared each tuned alike: `{group:dcl: 1, group:triplet: -1}`); the claim's cell then names the choices.
 
 A study file may list `diagnostics`: TensorBoard scalars of the training runs that say why a claim holds or fails
 (the diversity values of Eq. 3, each loss term, the gradient norms). A table of its own under the claims gives,
@@ -177,9 +178,11 @@ def check_claims(study: dict, path: Path, names: set[str]) -> None:
         if not isinstance(contrast, dict) or not contrast or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) for w in contrast.values()):
             raise StudyError(f"{path}: claims[{i}] needs a 'contrast' mapping entries to number weights")
-        unknown = sorted(set(contrast) - names)
+        groups = {f"group:{group}" for group in group_members(study)}
+        unknown = sorted(set(contrast) - names - groups)
         if unknown:
-            raise StudyError(f"{path}: claims[{i}] contrast names no entry {', '.join(unknown)}")
+            raise StudyError(f"{path}: claims[{i}] contrast names no entry {', '.join(unknown)}"
+                             + (f" (groups: {', '.join(sorted(groups))})" if groups else ""))
         claim.setdefault("paper", "")
         size = claim.setdefault("size", None)
         if size is not None and (not isinstance(size, (int, float)) or isinstance(size, bool)):
@@ -295,15 +298,31 @@ def paired_cells(results: dict[int, dict], reference: dict[int, dict]) -> list[s
     return [interval_text(diff), str(diff.n), "–" if diff.half_width is None else f"{diff.half_width:.1f}"]
 
 
+def group_members(study: dict) -> dict[str, list[str]]:
+    """Each tuning group's entries, in the study file's order (its first: the paper's or the peer's value)."""
+    groups: dict[str, list[str]] = {}
+    for run in study["runs"]:
+        if run["group"]:
+            groups.setdefault(run["group"], []).append(run["name"])
+    return groups
+
+
+def chosen_on_dev(members: list[str], done: dict[str, tuple[dict, list]]) -> tuple[str | None, int]:
+    """The group's entry with the best mean dev R@sum over the seeds all of its entries finished (None before one
+    seed has), and how many seeds those are: an entry with fewer, luckier seeds cannot win on them. Test never
+    takes part."""
+    dev = {name: {s: r.get("best_dev_rsum") for s, r in done[name][0].items()} for name in members}
+    common = sorted(set.intersection(*(set(s for s, v in d.items() if v is not None) for d in dev.values())))
+    return (max(members, key=lambda n: statistics.mean(dev[n][s] for s in common)) if common else None), len(common)
+
+
 def group_cells(study: dict, done: dict[str, tuple[dict, list]]) -> dict[str, list[str]]:
     """Per grouped entry: Δ dev R@sum against its group's first entry [95% t interval over seed pairs], and
-    "chosen on dev" for the best mean dev R@sum over the seeds all of the group's entries finished."""
+    "chosen on dev" (chosen_on_dev)."""
     cells = {}
-    for group in dict.fromkeys(run["group"] for run in study["runs"] if run["group"]):
-        members = [run["name"] for run in study["runs"] if run["group"] == group]
+    for group, members in group_members(study).items():
         dev = {name: {s: r.get("best_dev_rsum") for s, r in done[name][0].items()} for name in members}
-        common = sorted(set.intersection(*(set(s for s, v in d.items() if v is not None) for d in dev.values())))
-        best = max(members, key=lambda n: statistics.mean(dev[n][s] for s in common)) if common else None
+        best, _ = chosen_on_dev(members, done)
         first = members[0]
         for name in members:
             seeds = sorted(s for s in dev[name] if dev[name][s] is not None and dev[first].get(s) is not None)
@@ -372,11 +391,23 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int
     ("provisional" until each of the `tabulated` seeds, the study's list or --seeds, has finished)."""
     lines = ["| claim | paper | metric | contrast, mean [95% CI] | seeds | SE | verdict | paper's size vs CI |",
              "|---|---|---|---:|---:|---:|---|---|"]
-    read = dict(COLUMNS)
+    read, groups = dict(COLUMNS), group_members(study)
+    labels = {run["name"]: run["label"] for run in study["runs"]}
     for claim in study["claims"]:
-        values = {name: {s: read[claim["metric"]](r) for s, r in done[name][0].items()} for name in claim["contrast"]}
+        # "group:NAME" stands for the group's entry chosen on dev: methods compared each tuned alike
+        choices = {key: chosen_on_dev(groups[key[len("group:"):]], done)
+                   for key in claim["contrast"] if key.startswith("group:")}
+        chosen = {key: name for key, (name, _) in choices.items()}
+        text = claim["claim"] + "".join(f"; {key[len('group:'):]}: {labels[name] if name else 'none chosen yet'}"
+                                        for key, name in chosen.items())
+        settled = min([n for _, n in choices.values()], default=tabulated)  # seeds each choice was made on
+        contrast: dict[str | None, float] = {}
+        for key, w in claim["contrast"].items():  # summed: the choice may be an entry the claim also names
+            contrast[chosen.get(key, key)] = contrast.get(chosen.get(key, key), 0) + w
+        values = {name: {s: read[claim["metric"]](r) for s, r in done[name][0].items()} if name else {}
+                  for name in contrast}
         seeds = sorted(set.intersection(*(set(s for s, v in per.items() if v is not None) for per in values.values())))
-        contrasts = [sum(w * values[name][s] for name, w in claim["contrast"].items()) for s in seeds]
+        contrasts = [sum(w * values[name][s] for name, w in contrast.items()) for s in seeds]
         cells = ["–", "0", "–", "unresolved (no seed finished every entry)", "–"]
         if contrasts:
             diff = paired_t_interval(contrasts, [0.0] * len(contrasts))
@@ -385,9 +416,11 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int
                        else "contradicted" if diff.high < 0 else "unresolved")
             if diff.n < tabulated:  # the study is not done: more seeds can still move it
                 verdict += f" (provisional: {diff.n} of {tabulated} seeds)"
+            elif settled < tabulated:  # a group's choice can still change
+                verdict += f" (provisional: chosen on dev over {settled} of {tabulated} seeds)"
             cells = [interval_text(diff), str(diff.n), "–" if se is None else f"{se:.1f}", verdict,
                      size_cell(claim["size"], diff)]
-        lines.append(f"| {claim['claim']} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {text} | {claim['paper']} | {claim['metric']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -425,6 +425,51 @@ def test_claims_are_contrasts_over_common_seeds_with_a_verdict(tmp_path):
         study.load_study(spec)
 
 
+def test_a_claim_on_tuning_groups_compares_the_entries_chosen_on_dev(tmp_path):
+    """`group:NAME` in a contrast is the group's entry with the best mean dev R@sum, never the best test: methods
+    compared each tuned alike. The claim's cell names the choices; a choice the claim also names outright sums
+    its weights (here to 0 on every seed); a group with no common seed yet chooses nothing."""
+    runs = {  # name: [(dev, test) per seed]
+        "m02": [(560.0, 560.0), (562.0, 561.0), (561.0, 559.0)],
+        "m01": [(559.0, 590.0), (560.0, 591.0), (559.0, 589.0)],  # the best test, never chosen for it
+        "dcl_paper": [(558.0, 555.0), (559.0, 556.0), (557.0, 552.0)],
+        "dcl_mu": [(561.0, 557.0), (563.0, 559.0), (562.0, 556.0)],
+        "uto": [(550.0, 550.0)], "uto_alpha": [], "m04": [(500.0, 600.0), (501.0, 600.0)],
+    }
+    out = tmp_path / "runs"
+    for name, values in runs.items():
+        for seed, (dev, test) in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps(
+                {"rsum": test, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    groups = {"m02": "triplet", "m01": "triplet", "dcl_paper": "dcl", "dcl_mu": "dcl", "uto": "uto",
+              "uto_alpha": "uto", "m04": "triplet"}  # m04 has 2 of the 3 seeds: the triplet's choice may change
+    claims = [{"claim": "DCL tuned above the triplet tuned", "contrast": {"group:dcl": 1, "group:triplet": -1}},
+              {"claim": "tuning moves DCL", "contrast": {"group:dcl": 1, "dcl_mu": -1}},
+              {"claim": "UTO tuned above the triplet tuned", "contrast": {"group:uto": 1, "group:triplet": -1}}]
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(json.dumps({"seeds": [0, 1, 2], "claims": claims, "runs": [
+        {"name": name, "label": f"label {name}", "group": group, "config": "configs/demo.yaml"}
+        for name, group in groups.items()]}))
+    block = study.table(study.load_study(spec), out, [0, 1, 2]).split("\n\n")[1].splitlines()[2:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in block]
+    # dev chooses m02 (561.0 against 559.5 over seeds 0-1) and dcl_mu (562.0 against 558.0); test: dcl_mu - m02
+    # = -3, -2, -3 over all 3 seeds, provisional while the triplet's choice rests on 2
+    diffs = [-3.0, -2.0, -3.0]
+    mean, half = statistics.mean(diffs), 4.302652729911275 * statistics.stdev(diffs) / 3 ** 0.5
+    assert rows[0][0] == "DCL tuned above the triplet tuned; dcl: label dcl_mu; triplet: label m02"
+    assert rows[0][3:7] == [f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]", "3",
+                            f"{statistics.stdev(diffs) / 3 ** 0.5:.1f}",
+                            "contradicted (provisional: chosen on dev over 2 of 3 seeds)"]
+    assert rows[1][3:5] == ["0.0 [0.0, 0.0]", "3"] and rows[1][6] == "unresolved"  # chosen dcl_mu minus dcl_mu
+    assert rows[2][0].endswith("uto: none chosen yet; triplet: label m02") and rows[2][4] == "0"
+    spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": {"group:nope": 1}}],
+                                "runs": [{"name": "a", "group": "g", "config": "configs/demo.yaml"}]}))
+    with pytest.raises(study.StudyError, match=r"contrast names no entry group:nope \(groups: group:g\)"):
+        study.load_study(spec)
+
+
 def write_rsums(out: Path, values: dict[str, list[float]]) -> None:
     """Finished runs out/NAME/seed<k> whose test R@sum is 500 + the k-th value."""
     for name, per_seed in values.items():
