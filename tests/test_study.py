@@ -213,6 +213,16 @@ def test_docs_block_is_not_replaced_by_fewer_finished_runs(tmp_path, capsys):
     assert study.main(argv) == 0  # as many runs as the block now holds: replaced again
 
 
+def write_dev_test(out: Path, runs: dict[str, list[tuple[float, float]]]) -> None:
+    """Finished runs out/NAME/seed<k> whose k-th (dev R@sum that chose the checkpoint, test R@sum) is given."""
+    for name, values in runs.items():
+        for seed, (dev, test) in enumerate(values):
+            folder = out / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval_test.json").write_text(json.dumps(
+                {"rsum": test, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+
+
 def test_tuning_groups_choose_on_dev_over_common_seeds(tmp_path):
     """Within a group the best mean dev R@sum over the seeds every member finished is chosen, never the best
     test; Δ dev against the group's first entry is paired by seed (by hand: mean ± t_{0.975, 1} sd / √2)."""
@@ -222,12 +232,7 @@ def test_tuning_groups_choose_on_dev_over_common_seeds(tmp_path):
         "high": [(399.0, 600.0), (420.0, 610.0)],  # over seeds 0-1, the best dev mean
     }
     out = tmp_path / "runs"
-    for name, values in runs.items():
-        for seed, (dev, test) in enumerate(values):
-            folder = out / name / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "eval_test.json").write_text(json.dumps(
-                {"rsum": test, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    write_dev_test(out, runs)
     spec = tmp_path / "tune.yaml"
     spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
         {"name": name, "group": "g", "config": "configs/demo.yaml"} for name in runs]
@@ -268,12 +273,7 @@ def test_an_entry_with_fewer_luckier_seeds_is_not_chosen_on_dev(tmp_path):
     never ran, and would lose."""
     runs = {"many": [410.0, 410.0, 390.0], "few": [405.0, 405.0]}
     out = tmp_path / "runs"
-    for name, devs in runs.items():
-        for seed, dev in enumerate(devs):
-            folder = out / name / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "eval_test.json").write_text(json.dumps(
-                {"rsum": 500.0, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    write_dev_test(out, {name: [(dev, 500.0) for dev in devs] for name, devs in runs.items()})
     spec = tmp_path / "tune.yaml"
     spec.write_text(json.dumps({"seeds": [0, 1, 2], "runs": [
         {"name": name, "group": "g", "config": "configs/demo.yaml"} for name in runs]}))
@@ -437,12 +437,7 @@ def test_a_claim_on_tuning_groups_compares_the_entries_chosen_on_dev(tmp_path):
         "uto": [(550.0, 550.0)], "uto_alpha": [], "m04": [(500.0, 600.0), (501.0, 600.0)],
     }
     out = tmp_path / "runs"
-    for name, values in runs.items():
-        for seed, (dev, test) in enumerate(values):
-            folder = out / name / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "eval_test.json").write_text(json.dumps(
-                {"rsum": test, "best_dev_rsum": dev, "i2t": {"r1": 1.0}, "t2i": {"r1": 1.0}}))
+    write_dev_test(out, runs)
     groups = {"m02": "triplet", "m01": "triplet", "dcl_paper": "dcl", "dcl_mu": "dcl", "uto": "uto",
               "uto_alpha": "uto", "m04": "triplet"}  # m04 has 2 of the 3 seeds: the triplet's choice may change
     claims = [{"claim": "DCL tuned above the triplet tuned", "contrast": {"group:dcl": 1, "group:triplet": -1}},
