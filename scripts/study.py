@@ -58,7 +58,8 @@ tabulated (the study's list, or --seeds) have finished every entry of the claim.
 whether the paper's contrast lies inside the interval or above / below it: an "unresolved" sign can still rule
 out the paper's size. Differences of differences (Fig. 3: does M-DCL shrink the fall from batch 128 to 32?) are
 contrasts with four entries. A contrast may name `group:NAME` for the entry of tuning group NAME chosen on dev
-(methods compared each tuned alike: `{group:dcl: 1, group:triplet: -1}`); the claim's cell then names the choices.
+(methods compared each tuned alike: `{group:dcl: 1, group:triplet: -1}`); the claim's cell then names the choices,
+and where the choice is the very entry the claim compares it with, the verdict says so instead of "unresolved".
 
 A study file may list `diagnostics`: TensorBoard scalars of the training runs that say why a claim holds or fails
 (the diversity values of Eq. 3, each loss term, the gradient norms). A table of its own under the claims gives,
@@ -412,7 +413,8 @@ def claims_table(study: dict, done: dict[str, tuple[dict, list]], tabulated: int
         if contrasts:
             diff = paired_t_interval(contrasts, [0.0] * len(contrasts))
             se = None if diff.half_width is None else statistics.stdev(contrasts) / len(contrasts) ** 0.5
-            verdict = ("unresolved (one seed)" if diff.half_width is None else "confirmed" if diff.low > 0
+            verdict = ("no contrast: dev chose the entry it is compared with" if not any(contrast.values())
+                       else "unresolved (one seed)" if diff.half_width is None else "confirmed" if diff.low > 0
                        else "contradicted" if diff.high < 0 else "unresolved")
             if diff.n < tabulated:  # the study is not done: more seeds can still move it
                 verdict += f" (provisional: {diff.n} of {tabulated} seeds)"

@@ -457,7 +457,8 @@ def test_a_claim_on_tuning_groups_compares_the_entries_chosen_on_dev(tmp_path):
     assert rows[0][3:7] == [f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]", "3",
                             f"{statistics.stdev(diffs) / 3 ** 0.5:.1f}",
                             "contradicted (provisional: chosen on dev over 2 of 3 seeds)"]
-    assert rows[1][3:5] == ["0.0 [0.0, 0.0]", "3"] and rows[1][6] == "unresolved"  # chosen dcl_mu minus dcl_mu
+    assert rows[1][3:5] == ["0.0 [0.0, 0.0]", "3"]  # chosen dcl_mu minus dcl_mu: said so, not "unresolved"
+    assert rows[1][6] == "no contrast: dev chose the entry it is compared with"
     assert rows[2][0].endswith("uto: none chosen yet; triplet: label m02") and rows[2][4] == "0"
     spec.write_text(json.dumps({"claims": [{"claim": "x", "contrast": {"group:nope": 1}}],
                                 "runs": [{"name": "a", "group": "g", "config": "configs/demo.yaml"}]}))
